@@ -1,0 +1,351 @@
+"""Typed, frozen experiment configs with dotted overrides.
+
+Every part of nagjax takes the one dataclass it needs (no global config object). An experiment is a
+`Config`; the CLI applies `key=value` overrides such as `model.depth=24` through `apply_overrides`,
+which parses each value with the field's declared type and re-validates the whole tree, so a bad key
+or value fails before any work starts with a message that names the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+RESIDUAL_SCHEMES = ("prenorm", "lns", "nag")
+
+
+class ConfigError(ValueError):
+    """A config key or value is invalid; the message names the key and what is allowed."""
+
+
+def _check(cond: bool, key: str, message: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {message}")
+
+
+@dataclass(frozen=True)
+class NagConfig:
+    """NAG residual (SPEC 1): modulator width, alpha warm-up, numerics, fused-update kernel."""
+
+    modulator_channels: int = 32
+    alpha_warmup_steps: int = 0  # linear warm-up of alpha from 0 (the port needed it at 64 layers)
+    eps: float = 1e-6
+    gate_floor: float = 1e-6  # clamp of the modulator's inner sum before the power
+    kernel: Literal["reference", "pallas", "auto"] = "reference"
+    # [default] initial inverse temperature of the cosine head, exp(s_0 + decode_log_gain) at init;
+    # the decode log-gain starts at log(head_scale_init / model.init_std) (see nag.py for why).
+    head_scale_init: float = 8.0
+
+    def validate(self, prefix: str = "model.nag") -> None:
+        _check(self.modulator_channels >= 1, f"{prefix}.modulator_channels", "must be >= 1")
+        _check(self.alpha_warmup_steps >= 0, f"{prefix}.alpha_warmup_steps", "must be >= 0")
+        _check(0 < self.eps < 1, f"{prefix}.eps", "must be in (0, 1)")
+        _check(0 < self.gate_floor < 1, f"{prefix}.gate_floor", "must be in (0, 1)")
+        _check(self.head_scale_init > 0, f"{prefix}.head_scale_init", "must be > 0")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Decoder shape and residual scheme (SPEC 0). Sizes of 0 are derived (see `resolved`)."""
+
+    residual: Literal["prenorm", "lns", "nag"] = "prenorm"
+    vocab_size: int = 0  # 0: take it from the tokeniser
+    d_model: int = 256
+    depth: int = 4  # Transformer blocks; each has an attention and an MLP sublayer
+    n_heads: int = 4
+    n_kv_heads: int = 0  # 0: same as n_heads (no grouped KV)
+    d_ff: int = 0  # 0: 8/3 * d_model rounded up to a multiple of 64
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = False
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+    compute_dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on GPU/TPU
+    remat: Literal["none", "full", "dots"] = "none"
+    scan_unroll: int = 1  # lax.scan unroll factor over blocks (depth = fully unrolled)
+    attention: Literal["auto", "xla", "cudnn"] = "auto"
+    nag: NagConfig = field(default_factory=NagConfig)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def mlp_width(self) -> int:
+        if self.d_ff:
+            return self.d_ff
+        return -(-(8 * self.d_model) // (3 * 64)) * 64
+
+    @property
+    def n_sublayers(self) -> int:
+        return 2 * self.depth
+
+    def validate(self, prefix: str = "model") -> None:
+        _check(self.vocab_size >= 0, f"{prefix}.vocab_size", "must be >= 0 (0 = from the tokeniser)")
+        _check(self.d_model >= 8, f"{prefix}.d_model", "must be >= 8")
+        _check(self.depth >= 1, f"{prefix}.depth", "must be >= 1")
+        _check(self.n_heads >= 1, f"{prefix}.n_heads", "must be >= 1")
+        _check(
+            self.d_model % self.n_heads == 0,
+            f"{prefix}.n_heads",
+            f"must divide model.d_model={self.d_model} (got {self.n_heads})",
+        )
+        _check(self.head_dim % 2 == 0, f"{prefix}.n_heads", "d_model / n_heads must be even for RoPE")
+        _check(self.n_kv_heads >= 0, f"{prefix}.n_kv_heads", "must be >= 0 (0 = n_heads)")
+        _check(
+            self.n_heads % self.kv_heads == 0,
+            f"{prefix}.n_kv_heads",
+            f"must divide model.n_heads={self.n_heads} (got {self.kv_heads})",
+        )
+        _check(self.d_ff >= 0, f"{prefix}.d_ff", "must be >= 0 (0 = 8/3 d_model)")
+        _check(self.rope_theta > 0, f"{prefix}.rope_theta", "must be > 0")
+        _check(self.init_std > 0, f"{prefix}.init_std", "must be > 0")
+        _check(self.scan_unroll >= 1, f"{prefix}.scan_unroll", "must be >= 1")
+        self.nag.validate(f"{prefix}.nag")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where tokens come from and how they are batched.
+
+    `source="embedded"` uses the corpus shipped in the package (train/validation split built in);
+    any other value is a directory of token shards written by `nagjax data`.
+    """
+
+    source: str = "embedded"
+    tokenizer: str = ""  # SentencePiece .model; "" = the cached tokeniser of the embedded corpus
+    vocab_size: int = 4096  # used when the embedded corpus's tokeniser is trained
+    seq_len: int = 256
+    batch_size: int = 16  # global batch, in sequences
+    shuffle_seed: int = 0
+    worker_count: int = 0  # Grain worker processes; 0 = in the main process
+
+    def validate(self, prefix: str = "data") -> None:
+        _check(bool(self.source), f"{prefix}.source", "must be 'embedded' or a token-shard directory")
+        _check(self.vocab_size >= 64, f"{prefix}.vocab_size", "must be >= 64")
+        _check(self.seq_len >= 2, f"{prefix}.seq_len", "must be >= 2")
+        _check(self.batch_size >= 1, f"{prefix}.batch_size", "must be >= 1")
+        _check(self.worker_count >= 0, f"{prefix}.worker_count", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with linear warm-up and cosine decay; parameter groups per SPEC 1."""
+
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # global-norm clip; 0 disables
+    nag_lr_ratio: float = 0.1  # NAG scalars and modulator: LR relative to the matrix LR, no decay
+
+    def validate(self, prefix: str = "optim") -> None:
+        _check(self.lr > 0, f"{prefix}.lr", "must be > 0")
+        _check(0 <= self.min_lr_ratio <= 1, f"{prefix}.min_lr_ratio", "must be in [0, 1]")
+        _check(self.warmup_steps >= 0, f"{prefix}.warmup_steps", "must be >= 0")
+        _check(self.weight_decay >= 0, f"{prefix}.weight_decay", "must be >= 0")
+        _check(0 <= self.b1 < 1, f"{prefix}.b1", "must be in [0, 1)")
+        _check(0 <= self.b2 < 1, f"{prefix}.b2", "must be in [0, 1)")
+        _check(self.eps > 0, f"{prefix}.eps", "must be > 0")
+        _check(self.grad_clip >= 0, f"{prefix}.grad_clip", "must be >= 0 (0 disables)")
+        _check(self.nag_lr_ratio > 0, f"{prefix}.nag_lr_ratio", "must be > 0")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Loop length, evaluation, checkpointing and logging cadence."""
+
+    steps: int = 300
+    seed: int = 0
+    eval_every: int = 100  # 0: only at the end
+    eval_batches: int = 8
+    checkpoint_every: int = 100  # 0: only at the end
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    progress_bar: bool = True
+
+    def validate(self, prefix: str = "train") -> None:
+        _check(self.steps >= 1, f"{prefix}.steps", "must be >= 1")
+        _check(self.eval_every >= 0, f"{prefix}.eval_every", "must be >= 0 (0 = at the end only)")
+        _check(self.eval_batches >= 1, f"{prefix}.eval_batches", "must be >= 1")
+        _check(self.checkpoint_every >= 0, f"{prefix}.checkpoint_every", "must be >= 0")
+        _check(self.keep_checkpoints >= 1, f"{prefix}.keep_checkpoints", "must be >= 1")
+        _check(self.log_every >= 1, f"{prefix}.log_every", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh axis sizes; their product must equal the device count (-1 = the rest)."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+    def validate(self, prefix: str = "mesh") -> None:
+        sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+        for name, size in sizes.items():
+            _check(size == -1 or size >= 1, f"{prefix}.{name}", "must be >= 1 or -1 (the rest)")
+        _check(
+            sum(1 for s in sizes.values() if s == -1) <= 1,
+            prefix,
+            "at most one axis may be -1",
+        )
+
+
+@dataclass(frozen=True)
+class Config:
+    """One experiment: everything needed to reproduce a run."""
+
+    name: str = "custom"
+    description: str = ""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+
+    def validate(self) -> "Config":
+        self.model.validate()
+        self.data.validate()
+        self.optim.validate()
+        self.train.validate()
+        self.mesh.validate()
+        return self
+
+    def replace(self, **changes: Any) -> "Config":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dotted overrides
+# ---------------------------------------------------------------------------------------------
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def parse_value(key: str, raw: str, tp: Any) -> Any:
+    """Parse the string `raw` as the declared type `tp` of config field `key`."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if raw in choices:
+            return raw
+        hint = difflib.get_close_matches(raw, [str(c) for c in choices], n=1)
+        extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+        raise ConfigError(f"{key}: got {raw!r}; expected {_type_name(tp)}{extra}")
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arm in typing.get_args(tp):
+            if arm is type(None):
+                if raw.lower() in ("none", "null"):
+                    return None
+                continue
+            try:
+                return parse_value(key, raw, arm)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}: cannot parse {raw!r} as {tp}")
+    if tp is bool:
+        low = raw.lower()
+        if low in ("true", "1", "yes", "on"):
+            return True
+        if low in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"{key}: got {raw!r}; expected a bool (true/false)")
+    if tp is int:
+        try:
+            value = float(raw) if ("e" in raw.lower() and "x" not in raw.lower()) else int(raw, 0)
+        except ValueError:
+            raise ConfigError(f"{key}: got {raw!r}; expected an int") from None
+        if isinstance(value, float):
+            if not value.is_integer():
+                raise ConfigError(f"{key}: got {raw!r}; expected an int")
+            value = int(value)
+        return value
+    if tp is float:
+        try:
+            return float(raw)
+        except ValueError:
+            raise ConfigError(f"{key}: got {raw!r}; expected a float") from None
+    if tp is str:
+        return raw
+    raise ConfigError(f"{key}: fields of type {tp} cannot be set from the command line")
+
+
+def _set_path(obj: Any, path: list[str], raw: str, full_key: str) -> Any:
+    name = path[0]
+    if not dataclasses.is_dataclass(obj):
+        raise ConfigError(f"{full_key}: {type(obj).__name__} has no sub-keys")
+    types_ = _field_types(type(obj))
+    if name not in types_:
+        prefix = full_key[: len(full_key) - len(".".join(path))]
+        known = [prefix + k for k in types_]
+        hint = difflib.get_close_matches(prefix + name, known, n=1)
+        extra = f"; did you mean {hint[0]!r}?" if hint else ""
+        raise ConfigError(
+            f"unknown config key {full_key!r}{extra} (keys here: {', '.join(sorted(types_))})"
+        )
+    current = getattr(obj, name)
+    if len(path) == 1:
+        if dataclasses.is_dataclass(current):
+            raise ConfigError(f"{full_key}: is a group; set one of its keys, e.g. {full_key}.<key>=...")
+        new = parse_value(full_key, raw, types_[name])
+    else:
+        new = _set_path(current, path[1:], raw, full_key)
+    return dataclasses.replace(obj, **{name: new})
+
+
+def apply_overrides(config: Config, overrides: list[str] | tuple[str, ...]) -> Config:
+    """Apply `key=value` strings (dotted keys) and validate the result."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value, e.g. model.depth=24")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"override {item!r} has an empty key")
+        config = _set_path(config, key.split("."), raw.strip(), key)
+    return config.validate()
+
+
+def config_from_dict(data: dict, cls: type = Config) -> Any:
+    """Rebuild a (nested) config dataclass from `to_dict()` output, e.g. a saved run's config."""
+    kwargs = {}
+    types_ = _field_types(cls)
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        value = data[f.name]
+        tp = types_[f.name]
+        if dataclasses.is_dataclass(tp) and isinstance(value, dict):
+            value = config_from_dict(value, tp)
+        kwargs[f.name] = value
+    unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise ConfigError(f"unknown keys in saved {cls.__name__}: {sorted(unknown)}")
+    return cls(**kwargs)

@@ -1,0 +1,24 @@
+"""Data layer: embedded corpus, SentencePiece tokeniser, token shards and Grain batch pipeline."""
+
+from nagjax.data.corpus import DataError, cache_dir, embedded_documents, embedded_text
+from nagjax.data.pipeline import bytes_per_token, eval_batches, train_iterator
+from nagjax.data.shards import TokenSplit, build_shards, open_split, run_data_command
+from nagjax.data.tokenizer import Tokenizer, embedded_tokenizer, load_tokenizer, train_tokenizer
+
+__all__ = [
+    "DataError",
+    "TokenSplit",
+    "Tokenizer",
+    "build_shards",
+    "bytes_per_token",
+    "cache_dir",
+    "embedded_documents",
+    "embedded_text",
+    "embedded_tokenizer",
+    "eval_batches",
+    "load_tokenizer",
+    "open_split",
+    "run_data_command",
+    "train_iterator",
+    "train_tokenizer",
+]

@@ -1,0 +1,146 @@
+"""Batches of token windows for training (Grain, shuffled, resumable) and evaluation (fixed).
+
+A split's token stream (documents packed back to back, eos between them) is cut into windows of
+seq_len + 1 tokens with stride seq_len: window i is tokens[i*L : i*L + L + 1], inputs are its first
+L tokens and targets its last L, so consecutive windows share one token and every token after the
+first is a target exactly once per epoch. Windows never cross a .bin file boundary. A split
+shorter than one window is tiled (repeated) until it fills one.
+
+Training order: a Grain index shuffle of the windows, reseeded every epoch from shuffle_seed,
+repeated forever, grouped into global batches of `batch_size` windows. Process p of P reads only
+rows [p*b, (p+1)*b) of each global batch (b = batch_size // P), so the processes' local batches,
+concatenated in process order, are exactly the single-process batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import grain
+import numpy as np
+
+from nagjax.data.shards import DataError, TokenSplit, open_split
+
+
+class WindowSource:
+    """Random-access windows of seq_len + 1 tokens over a split's (memory-mapped) files."""
+
+    def __init__(self, split: TokenSplit, seq_len: int):
+        self.seq_len = seq_len
+        arrays = list(split.arrays)
+        counts = [max(0, (len(a) - 1) // seq_len) for a in arrays]
+        if sum(counts) == 0:  # tiny split: tile it so that it holds at least one window
+            flat = np.concatenate(arrays)
+            arrays = [np.tile(flat, -(-(seq_len + 1) // len(flat)))]
+            counts = [1]
+        self._arrays = arrays
+        self._starts = np.cumsum([0] + counts)  # first global window index of each file
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def __getstate__(self) -> dict:
+        """Pickle memmaps as (file, dtype, length), not their data, for Grain worker processes."""
+        state = dict(self.__dict__)
+        state["_arrays"] = [
+            ("memmap", a.filename, a.dtype.str, len(a)) if isinstance(a, np.memmap) else a
+            for a in self._arrays
+        ]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        state["_arrays"] = [
+            np.memmap(a[1], dtype=a[2], mode="r", shape=(a[3],)) if isinstance(a, tuple) else a
+            for a in state["_arrays"]
+        ]
+        self.__dict__.update(state)
+
+    def gather_batch(self, idx_b: np.ndarray) -> dict[str, np.ndarray]:
+        return _to_batch(self._getitems(idx_b))
+
+    def _window(self, index: int) -> np.ndarray:
+        f = int(np.searchsorted(self._starts, index, side="right")) - 1
+        s = (index - int(self._starts[f])) * self.seq_len
+        return np.asarray(self._arrays[f][s : s + self.seq_len + 1])
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return self._window(int(index) % len(self))
+
+    def _getitems(self, indices: Sequence[int]) -> np.ndarray:
+        if len(self._arrays) == 1:  # one vectorised gather
+            starts = (np.asarray(indices, dtype=np.int64) % len(self)) * self.seq_len
+            return self._arrays[0][starts[:, None] + np.arange(self.seq_len + 1)]
+        return np.stack([self[i] for i in indices])
+
+
+def _to_batch(windows: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+    w_bt = np.asarray(windows if isinstance(windows, np.ndarray) else np.stack(windows), np.int32)
+    return {"inputs": w_bt[:, :-1], "targets": w_bt[:, 1:]}
+
+
+def local_batch_size(data_cfg, process_index: int, process_count: int) -> int:
+    if not 0 <= process_index < process_count:
+        raise DataError(f"process_index {process_index} not in [0, process_count={process_count})")
+    if data_cfg.batch_size % process_count:
+        raise DataError(
+            f"data.batch_size={data_cfg.batch_size} must be divisible by the process "
+            f"count {process_count} (each process loads batch_size // process_count rows)"
+        )
+    return data_cfg.batch_size // process_count
+
+
+def train_dataset(data_cfg, *, process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+    """Infinite MapDataset of this process's local batches (index = step).
+
+    Grain shuffles and batches window *indices*; the windows of a batch are then read with one
+    vectorised gather, which keeps a batch well under a millisecond.
+    """
+    b_local = local_batch_size(data_cfg, process_index, process_count)
+    source = WindowSource(open_split(data_cfg, "train"), data_cfg.seq_len)
+    ds = (
+        grain.MapDataset.range(len(source)).shuffle(seed=data_cfg.shuffle_seed % 2**32).repeat(None)
+    )
+    ds = ds.batch(b_local, drop_remainder=True, batch_fn=np.asarray)[process_index::process_count]
+    return ds.map(source.gather_batch)
+
+
+def train_iterator(data_cfg, *, process_index: int = 0, process_count: int = 1):
+    """Endless iterator of {"inputs", "targets"}: int32 [batch_size // process_count, seq_len].
+
+    Checkpoint with `it.get_state()` (a small JSON-serialisable dict); `it.set_state(state)` on a
+    freshly built iterator continues with exactly the same batches.
+    """
+    ds = train_dataset(data_cfg, process_index=process_index, process_count=process_count)
+    # Batches are cheap memmap gathers, so reading happens in the main thread by default;
+    # worker_count > 0 moves it into Grain worker processes.
+    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+    if data_cfg.worker_count > 0:
+        _ensure_absl_flags_parsed()
+        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_cfg.worker_count))
+    return iter(it_ds)
+
+
+def _ensure_absl_flags_parsed() -> None:
+    """Grain workers read absl flags; a program that never ran absl.app must mark them parsed."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def eval_batches(
+    data_cfg, n_batches: int, *, process_index: int = 0, process_count: int = 1
+) -> list[dict[str, np.ndarray]]:
+    """The first n_batches global batches of validation windows in order (wrapping around)."""
+    b_local = local_batch_size(data_cfg, process_index, process_count)
+    source = WindowSource(open_split(data_cfg, "validation"), data_cfg.seq_len)
+    out = []
+    for k in range(n_batches):
+        first = k * data_cfg.batch_size + process_index * b_local
+        out.append(source.gather_batch(np.arange(first, first + b_local)))
+    return out
+
+
+def bytes_per_token(data_cfg, split: str = "validation") -> float:
+    """UTF-8 bytes of raw text per token (eos included): bits/byte = loss_nats / ln2 / this."""
+    return open_split(data_cfg, split).bytes_per_token

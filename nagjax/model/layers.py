@@ -1,0 +1,105 @@
+"""Shared decoder parts (SPEC 0): RMSNorm, RoPE, causal attention, SwiGLU.
+
+Every residual scheme uses these same modules with the same initialisation. Parameters are float32
+and carry `logical_axes` metadata (embed, heads, kv_heads, head_dim, mlp, vocab) that the sharding
+rules map onto mesh axes; computation runs in the dtype the caller passes.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from nagjax.config import ModelConfig
+
+
+def compute_dtype(cfg: ModelConfig) -> jnp.dtype:
+    """The activation dtype: bf16 on accelerators, float32 on CPU, unless the config pins it."""
+    if cfg.compute_dtype == "auto":
+        return jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu") else jnp.float32
+    return jnp.dtype(cfg.compute_dtype)
+
+
+def param(rngs: nnx.Rngs, init, shape: tuple[int, ...], axes: tuple[str, ...]) -> nnx.Param:
+    """A float32 parameter tagged with its logical axis names (one per dimension)."""
+    assert len(axes) == len(shape), (shape, axes)
+    return nnx.Param(init(rngs.params(), shape, jnp.float32), logical_axes=axes)
+
+
+def normal(std: float):
+    return jax.nn.initializers.normal(stddev=std)
+
+
+def rms_normalize(x, eps: float):
+    """x / RMS(x) over the last axis, reduced in float32, returned in x's dtype."""
+    x32 = x.astype(jnp.float32)
+    return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, *, rngs: nnx.Rngs):
+        self.scale = param(rngs, jax.nn.initializers.ones, (dim,), ("embed",))
+        self.eps = eps
+
+    def __call__(self, x):
+        return rms_normalize(x, self.eps) * self.scale[...].astype(x.dtype)
+
+
+def rope(x_btnh, positions_bt, theta: float):
+    """Rotary position embedding on the last axis (pairs split in halves, as in LLaMA)."""
+    half = x_btnh.shape[-1] // 2
+    freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angle = positions_bt.astype(jnp.float32)[..., None] * freq  # [b, t, half]
+    sin = jnp.sin(angle)[:, :, None, :]
+    cos = jnp.cos(angle)[:, :, None, :]
+    x1, x2 = jnp.split(x_btnh.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_btnh.dtype)
+
+
+def _attention_impl(cfg: ModelConfig, dtype) -> str | None:
+    if cfg.attention == "auto":
+        on_gpu = jax.default_backend() == "gpu"
+        return "cudnn" if on_gpu and dtype in (jnp.bfloat16, jnp.float16) else None
+    return cfg.attention
+
+
+class Attention(nnx.Module):
+    """Causal multi-head attention with RoPE and optional grouped KV heads, no biases."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        d, h, kv, hd = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        init = normal(cfg.init_std)
+        self.wq = param(rngs, init, (d, h, hd), ("embed", "heads", "head_dim"))
+        self.wk = param(rngs, init, (d, kv, hd), ("embed", "kv_heads", "head_dim"))
+        self.wv = param(rngs, init, (d, kv, hd), ("embed", "kv_heads", "head_dim"))
+        self.wo = param(rngs, init, (h, hd, d), ("heads", "head_dim", "embed"))
+        self.cfg = cfg
+
+    def __call__(self, x_btd, positions_bt):
+        dtype = x_btd.dtype
+        q = jnp.einsum("btd,dnh->btnh", x_btd, self.wq[...].astype(dtype))
+        k = jnp.einsum("btd,dnh->btnh", x_btd, self.wk[...].astype(dtype))
+        v = jnp.einsum("btd,dnh->btnh", x_btd, self.wv[...].astype(dtype))
+        q = rope(q, positions_bt, self.cfg.rope_theta)
+        k = rope(k, positions_bt, self.cfg.rope_theta)
+        out = jax.nn.dot_product_attention(
+            q, k, v, is_causal=True, implementation=_attention_impl(self.cfg, dtype)
+        )
+        return jnp.einsum("btnh,nhd->btd", out, self.wo[...].astype(dtype))
+
+
+class SwiGLU(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        d, f = cfg.d_model, cfg.mlp_width
+        init = normal(cfg.init_std)
+        self.w_gate = param(rngs, init, (d, f), ("embed", "mlp"))
+        self.w_up = param(rngs, init, (d, f), ("embed", "mlp"))
+        self.w_down = param(rngs, init, (f, d), ("mlp", "embed"))
+
+    def __call__(self, x_btd):
+        dtype = x_btd.dtype
+        gate = x_btd @ self.w_gate[...].astype(dtype)
+        up = x_btd @ self.w_up[...].astype(dtype)
+        return (jax.nn.silu(gate) * up) @ self.w_down[...].astype(dtype)

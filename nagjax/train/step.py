@@ -1,0 +1,60 @@
+"""Pure, jit-compiled train and eval steps over (graphdef, params) of an NNX model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from nagjax.config import ModelConfig
+from nagjax.model.residual.base import StepContext
+
+
+def cross_entropy(logits_btv, targets_bt):
+    return optax.softmax_cross_entropy_with_integer_labels(logits_btv.astype(jnp.float32), targets_bt)
+
+
+def alpha_scale(cfg: ModelConfig, step):
+    """Linear warm-up of NAG's alpha from 0 over `model.nag.alpha_warmup_steps` (1 when off)."""
+    warmup = cfg.nag.alpha_warmup_steps
+    if cfg.residual != "nag" or warmup <= 0:
+        return jnp.float32(1.0)
+    return jnp.minimum(1.0, (jnp.asarray(step, jnp.float32) + 1.0) / warmup)
+
+
+@dataclass(frozen=True)
+class Steps:
+    train: Callable  # (params, opt_state, batch, step) -> (params, opt_state, metrics)
+    eval: Callable  # (params, batch) -> (sum of token losses, token count)
+
+
+def make_steps(graphdef: nnx.GraphDef, cfg: ModelConfig, optimizer: optax.GradientTransformation, lr_fn) -> Steps:
+    def loss_fn(params, batch, step):
+        model = nnx.merge(graphdef, params)
+        logits, stats = model(batch["inputs"], ctx=StepContext(nag_alpha_scale=alpha_scale(cfg, step)))
+        loss = jnp.mean(cross_entropy(logits, batch["targets"]))
+        return loss, stats
+
+    def train_step(params, opt_state, batch, step):
+        (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, step)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        metrics = {
+            "loss": loss,
+            "grad_norm": optax.global_norm(grads),
+            "lr": lr_fn(step),
+            "layers": stats,  # each [depth, 2] (attention, MLP)
+        }
+        return params, opt_state, metrics
+
+    def eval_step(params, batch):
+        model = nnx.merge(graphdef, params)
+        logits, _ = model(batch["inputs"])
+        losses = cross_entropy(logits, batch["targets"])
+        return jnp.sum(losses), jnp.asarray(losses.size, jnp.float32)
+
+    return Steps(train=jax.jit(train_step, donate_argnums=(0, 1)), eval=jax.jit(eval_step))

@@ -1,0 +1,284 @@
+"""The training loop: side effects (files, logs, signals) live here, the math in `step.py`.
+
+`train(config, workdir)` starts a run or, if `workdir` holds a checkpoint, resumes it exactly
+(parameters, optimiser, step and data-iterator position). SIGTERM/SIGINT save a checkpoint at the
+current step and return cleanly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from nagjax import flops, sharding
+from nagjax.config import Config, ConfigError, config_from_dict
+from nagjax.data import pipeline
+from nagjax.data.shards import open_split
+from nagjax.model import build_model, count_params
+from nagjax.train import optim
+from nagjax.train.checkpoint import CheckpointStore, abstract_like
+from nagjax.train.logging import ScalarWriter, layer_scalars
+from nagjax.train.step import Steps, make_steps
+
+# Keys that may change when a run is resumed (they do not change what the model computes).
+RESUMABLE_KEYS = ("name", "description", "train.steps", "train.eval_every", "train.eval_batches",
+                  "train.checkpoint_every", "train.keep_checkpoints", "train.log_every",
+                  "train.progress_bar", "mesh.data", "mesh.fsdp", "mesh.tensor")
+
+
+@dataclass
+class RunResult:
+    workdir: Path
+    step: int
+    val_loss: float | None
+    val_bpb: float | None
+    interrupted: bool = False
+
+
+def resolve(config: Config) -> Config:
+    """Fill derived values (vocabulary from the tokeniser, concrete compute dtype) and validate."""
+    tokenizer = open_split(config.data, "train").tokenizer
+    model = config.model
+    if model.vocab_size == 0:
+        model = dataclasses.replace(model, vocab_size=tokenizer.vocab_size)
+    elif model.vocab_size < tokenizer.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size={model.vocab_size} is smaller than the tokeniser's vocabulary "
+            f"({tokenizer.vocab_size}); set model.vocab_size=0 to take it from the tokeniser"
+        )
+    if model.compute_dtype == "auto":
+        accel = jax.default_backend() in ("gpu", "tpu")
+        model = dataclasses.replace(model, compute_dtype="bfloat16" if accel else "float32")
+    return config.replace(model=model).validate()
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.update(_flatten(v, key + ".") if isinstance(v, dict) else {key: v})
+    return out
+
+
+def check_resume_compatible(saved: Config, requested: Config, workdir: Path) -> Config:
+    """The saved run's config with the requested values of the keys that may change on resume."""
+    a, b = _flatten(saved.to_dict()), _flatten(requested.to_dict())
+    changed = [k for k in a if a[k] != b.get(k) and k not in RESUMABLE_KEYS]
+    if changed:
+        diffs = ", ".join(f"{k}: saved {a[k]!r} vs requested {b.get(k)!r}" for k in changed)
+        raise ConfigError(
+            f"{workdir} holds a run with a different configuration ({diffs}). "
+            "Resume with the same settings or choose a new --workdir."
+        )
+    return requested
+
+
+def run_info() -> dict:
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        rev = ""
+    return {
+        "git_revision": rev or None,
+        "jax_version": jax.__version__,
+        "backend": jax.default_backend(),
+        "device_kind": jax.devices()[0].device_kind,
+        "device_count": jax.device_count(),
+        "process_count": jax.process_count(),
+    }
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)
+
+
+class _StopSignal:
+    """Turns SIGTERM/SIGINT into a flag the loop checks after every step."""
+
+    def __init__(self):
+        self.received: str | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.received is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class Trainer:
+    def __init__(self, config: Config, workdir: str | Path):
+        self.workdir = Path(workdir).absolute()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.store = CheckpointStore(self.workdir / "checkpoints", keep=config.train.keep_checkpoints)
+        requested = resolve(config)
+        resume_step = self.store.latest_step()
+        if resume_step is not None:
+            saved = config_from_dict(self.store.restore_config(resume_step))
+            requested = check_resume_compatible(saved, requested, self.workdir)
+        self.config = requested
+        self.resume_step = resume_step
+        _write_json(self.workdir / "config.json", self.config.to_dict())
+        _write_json(self.workdir / "run_info.json", run_info())
+
+        cfg = self.config
+        self.mesh = sharding.make_mesh(cfg.mesh)
+        model = build_model(cfg.model, seed=cfg.train.seed)
+        self.n_params = count_params(model)
+        self.graphdef, params = nnx.split(model, nnx.Param)
+        self.optimizer = optim.make_optimizer(cfg.optim, cfg.train.steps, params)
+        self.lr_fn = optim.schedule(cfg.optim, cfg.train.steps)
+        self.steps: Steps = make_steps(self.graphdef, cfg.model, self.optimizer, self.lr_fn)
+        params = jax.device_put(params, sharding.param_sharding(self.mesh, params))
+        self.state = {"params": params, "opt_state": self.optimizer.init(params), "step": np.int64(0)}
+        self.data = pipeline.train_iterator(
+            cfg.data, process_index=jax.process_index(), process_count=jax.process_count()
+        )
+        if resume_step is not None:
+            restored, data_state, _ = self.store.restore(abstract_like(self.state), resume_step)
+            self.state = restored
+            self.data.set_state(data_state)
+        self.flops_per_token = flops.train_flops_per_token(cfg.model, cfg.data.seq_len)
+        self._eval_batches = None
+
+    # --- evaluation -------------------------------------------------------------------------
+    def evaluate(self, params=None) -> dict[str, float]:
+        cfg = self.config
+        if self._eval_batches is None:
+            self._eval_batches = pipeline.eval_batches(
+                cfg.data, cfg.train.eval_batches,
+                process_index=jax.process_index(), process_count=jax.process_count(),
+            )
+            self._bytes_per_token = pipeline.bytes_per_token(cfg.data, "validation")
+        params = self.state["params"] if params is None else params
+        total, count = 0.0, 0.0
+        for batch in self._eval_batches:
+            loss_sum, n = self.steps.eval(params, sharding.global_batch(self.mesh, batch))
+            total += float(loss_sum)
+            count += float(n)
+        loss = total / count
+        return {"loss": loss, "bpb": loss / math.log(2) / self._bytes_per_token}
+
+    # --- checkpoints ------------------------------------------------------------------------
+    def save(self, step: int) -> None:
+        self.state["step"] = np.int64(step)
+        self.store.save(step, self.state, self.data.get_state(), self.config.to_dict())
+
+    # --- the loop ---------------------------------------------------------------------------
+    def run(self) -> RunResult:
+        cfg, tc = self.config, self.config.train
+        step = int(self.state["step"])
+        log = ScalarWriter(self.workdir / "logs", enabled=jax.process_index() == 0)
+        tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+        device_kind = jax.devices()[0].device_kind
+        if step == 0:
+            print(f"[nagjax] {cfg.name}: {cfg.model.residual}, {cfg.model.depth} blocks, d={cfg.model.d_model}, "
+                  f"{self.n_params / 1e6:.2f}M params, {self.flops_per_token / 1e6:.1f} MFLOP/token (train), "
+                  f"{tc.steps} steps x {tokens_per_step} tokens -> {self.workdir}", flush=True)
+        else:
+            print(f"[nagjax] resuming {self.workdir} at step {step}/{tc.steps}", flush=True)
+        result = RunResult(self.workdir, step, None, None)
+        bar = tqdm(total=tc.steps, initial=step, disable=not tc.progress_bar or jax.process_index() != 0,
+                   dynamic_ncols=True, desc=cfg.name)
+        last_time, last_step = time.perf_counter(), step
+        with _StopSignal() as stop:
+            while step < tc.steps:
+                batch = sharding.global_batch(self.mesh, next(self.data))
+                params, opt_state, metrics = self.steps.train(
+                    self.state["params"], self.state["opt_state"], batch, step
+                )
+                self.state["params"], self.state["opt_state"] = params, opt_state
+                step += 1
+                bar.update(1)
+                done = step == tc.steps
+                if step % tc.log_every == 0 or done:
+                    m = jax.device_get(metrics)
+                    now = time.perf_counter()
+                    tok_s = tokens_per_step * (step - last_step) / max(now - last_time, 1e-9)
+                    last_time, last_step = now, step
+                    scalars = {"train/loss": m["loss"], "train/lr": m["lr"], "train/grad_norm": m["grad_norm"],
+                               "perf/tokens_per_s": tok_s, **layer_scalars(m["layers"])}
+                    util = flops.mfu(tok_s, self.flops_per_token, device_kind, jax.device_count())
+                    if util is not None:
+                        scalars["perf/mfu"] = util
+                    log.write(step, scalars)
+                    bar.set_postfix(loss=f"{float(m['loss']):.3f}", tok_s=f"{tok_s:,.0f}")
+                    if not np.isfinite(m["loss"]):
+                        raise FloatingPointError(f"loss is {m['loss']} at step {step}; lower optim.lr")
+                if (tc.eval_every and step % tc.eval_every == 0) or done:
+                    ev = self.evaluate()
+                    log.write(step, {"eval/loss": ev["loss"], "eval/bpb": ev["bpb"]})
+                    result.val_loss, result.val_bpb = ev["loss"], ev["bpb"]
+                    bar.write(f"[nagjax] step {step}: val loss {ev['loss']:.4f}, {ev['bpb']:.4f} bits/byte")
+                if (tc.checkpoint_every and step % tc.checkpoint_every == 0) or done or stop.received:
+                    self.save(step)
+                    log.flush()
+                if stop.received:
+                    bar.write(f"[nagjax] {stop.received}: saved checkpoint at step {step}; exiting")
+                    result.interrupted = True
+                    break
+        bar.close()
+        log.close()
+        result.step = step
+        return result
+
+
+def train(config: Config, workdir: str | Path) -> RunResult:
+    trainer = Trainer(config, workdir)
+    try:
+        return trainer.run()
+    finally:
+        trainer.store.close()
+
+
+def evaluate_workdir(workdir: str | Path, eval_batches: int | None = None) -> dict[str, float]:
+    """Validation loss and bits per byte of the latest checkpoint in `workdir`."""
+    workdir = Path(workdir).absolute()
+    store = CheckpointStore(workdir / "checkpoints", read_only=True)
+    if store.latest_step() is None:
+        raise FileNotFoundError(
+            f"no complete checkpoint in {store.directory}: run `nagjax train --workdir {workdir}` first"
+        )
+    config = config_from_dict(store.restore_config())
+    store.close()
+    if eval_batches:
+        config = config.replace(train=dataclasses.replace(config.train, eval_batches=eval_batches))
+    trainer = Trainer(config, workdir)
+    try:
+        out = trainer.evaluate()
+        out["step"] = int(trainer.state["step"])
+        return out
+    finally:
+        trainer.store.close()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit("use the `nagjax` command")
