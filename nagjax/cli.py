@@ -114,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     from nagjax.data.shards import DataError
     from nagjax.train.checkpoint import CheckpointError
 
+    from nagjax.runtime import setup
+
+    setup()
     try:
         return args.func(args)
     except (ConfigError, DataError, CheckpointError, FileNotFoundError) as e:

@@ -32,16 +32,6 @@ from nagjax.data import (
 CFG = DataConfig(vocab_size=4096, seq_len=64, batch_size=8, shuffle_seed=3)
 
 
-@pytest.fixture(scope="session", autouse=True)
-def cache(tmp_path_factory):
-    """A fresh cache for the session: exercises the first build, shared by all tests."""
-    path = tmp_path_factory.mktemp("nagjax-cache")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("NAGJAX_CACHE_DIR", str(path))
-    yield path
-    mp.undo()
-
-
 @pytest.fixture(scope="session")
 def tiny_inputs(tmp_path_factory):
     """A .txt.gz (documents separated by two blank lines) and a .jsonl.xz, with their documents."""

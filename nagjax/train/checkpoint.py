@@ -94,8 +94,9 @@ class CheckpointStore:
         self.manager.close()
 
 
-def abstract_like(tree: Any) -> Any:
-    """Shape/dtype/sharding skeleton of a pytree, the restore target for Orbax."""
-    return jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree
-    )
+def abstract_like(tree: Any, shardings: Any) -> Any:
+    """Shape/dtype skeleton of a pytree placed on `shardings` (one sharding, or a matching tree):
+    the restore target for Orbax, which then reads each array straight onto its devices."""
+    if isinstance(shardings, jax.sharding.Sharding):
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shardings), tree)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)

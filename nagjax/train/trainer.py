@@ -26,7 +26,7 @@ from nagjax import flops, sharding
 from nagjax.config import Config, ConfigError, config_from_dict
 from nagjax.data import pipeline
 from nagjax.data.shards import open_split
-from nagjax.model import build_model, count_params
+from nagjax.model import build_model
 from nagjax.train import optim
 from nagjax.train.checkpoint import CheckpointStore, abstract_like
 from nagjax.train.logging import ScalarWriter, layer_scalars
@@ -151,21 +151,34 @@ class Trainer:
 
         cfg = self.config
         self.mesh = sharding.make_mesh(cfg.mesh)
-        model = build_model(cfg.model, seed=cfg.train.seed)
-        self.n_params = count_params(model)
-        self.graphdef, params = nnx.split(model, nnx.Param)
-        self.optimizer = optim.make_optimizer(cfg.optim, cfg.train.steps, params)
+        # Shapes first (nothing allocated), then one jit-compiled init straight into the shardings;
+        # a resumed run never initialises, it restores into the abstract state.
+        self.graphdef, abstract_params = nnx.split(
+            nnx.eval_shape(lambda: build_model(cfg.model, seed=cfg.train.seed)), nnx.Param
+        )
+        self.n_params = sum(x.size for x in jax.tree.leaves(abstract_params))
+        self.optimizer = optim.make_optimizer(cfg.optim, cfg.train.steps, abstract_params)
         self.lr_fn = optim.schedule(cfg.optim, cfg.train.steps)
         self.steps: Steps = make_steps(self.graphdef, cfg.model, self.optimizer, self.lr_fn)
-        params = jax.device_put(params, sharding.param_sharding(self.mesh, params))
-        self.state = {"params": params, "opt_state": self.optimizer.init(params), "step": np.int64(0)}
+        shardings = sharding.param_sharding(self.mesh, abstract_params)
+
+        def init_state():
+            params = nnx.split(build_model(cfg.model, seed=cfg.train.seed), nnx.Param)[1]
+            return {"params": params, "opt_state": self.optimizer.init(params)}
+
         self.data = pipeline.train_iterator(
             cfg.data, process_index=jax.process_index(), process_count=jax.process_count()
         )
-        if resume_step is not None:
-            restored, data_state, _ = self.store.restore(abstract_like(self.state), resume_step)
+        if resume_step is None:
+            self.state = jax.jit(init_state)()
+            self.state["params"] = jax.device_put(self.state["params"], shardings)
+        else:
+            abstract = abstract_like(jax.eval_shape(init_state), sharding.replicated(self.mesh))
+            abstract["params"] = abstract_like(abstract["params"], shardings)
+            restored, data_state, _ = self.store.restore(abstract, resume_step)
             self.state = restored
             self.data.set_state(data_state)
+        self.step = resume_step or 0  # the checkpoint's step is its number; state holds no step
         self.flops_per_token = flops.train_flops_per_token(cfg.model, cfg.data.seq_len)
         self._eval_batches = None
 
@@ -189,13 +202,13 @@ class Trainer:
 
     # --- checkpoints ------------------------------------------------------------------------
     def save(self, step: int) -> None:
-        self.state["step"] = np.int64(step)
+        self.step = step
         self.store.save(step, self.state, self.data.get_state(), self.config.to_dict())
 
     # --- the loop ---------------------------------------------------------------------------
     def run(self) -> RunResult:
         cfg, tc = self.config, self.config.train
-        step = int(self.state["step"])
+        step = self.step
         log = ScalarWriter(self.workdir / "logs", enabled=jax.process_index() == 0)
         tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
         device_kind = jax.devices()[0].device_kind
@@ -274,7 +287,7 @@ def evaluate_workdir(workdir: str | Path, eval_batches: int | None = None) -> di
     trainer = Trainer(config, workdir)
     try:
         out = trainer.evaluate()
-        out["step"] = int(trainer.state["step"])
+        out["step"] = trainer.step
         return out
     finally:
         trainer.store.close()

@@ -1,0 +1,277 @@
+"""Fused NAG update kernels (pallas_kernels/nag_update) against the pure-JAX reference.
+
+On CPU both kernels run in interpret mode: the GPU (Triton) kernel body through Pallas' generic
+interpreter, the TPU (Mosaic) kernel through the TPU interpreter. Uninitialised output memory is NaN
+in both, so "no NaN in any output" also checks that every output element is written, and ragged
+token counts check that padded rows never leak into the parameter gradients. The lowering of both
+kernels for their real targets (Triton IR for CUDA, Mosaic for TPU) is checked on CPU by
+cross-platform export. `@pytest.mark.gpu` runs the compiled Triton kernel on a GPU.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.nag_update import nag_update, reference
+from pallas_kernels.nag_update.gpu import GpuConfig
+from pallas_kernels.nag_update.tpu import TpuConfig
+
+F32, BF16 = jnp.float32, jnp.bfloat16
+ARGNAMES = ("f", "D", "alpha", "beta", "W", "b", "logits")
+
+
+def make_inputs(n, d, *, c=32, fdt=F32, ddt=F32, seed=0, bias_shift=0.0, lead=None, alpha=0.7):
+    ks = jax.random.split(jax.random.PRNGKey(seed), 6)
+    shape = (n, d) if lead is None else (*lead, d)
+    f = (jax.random.normal(ks[0], shape) + 0.2).astype(fdt)
+    dd = jax.random.normal(ks[1], shape)
+    dd = (dd * jax.lax.rsqrt(jnp.mean(dd * dd, -1, keepdims=True))).astype(ddt)
+    lim = (3.0 / d) ** 0.5
+    w = jax.random.uniform(ks[2], (c, d), minval=-lim, maxval=lim)
+    b = 0.5 * jax.random.normal(ks[3], (c,)) + bias_shift
+    logits = 0.5 * jax.random.normal(ks[4], (c,))
+    return f, dd, jnp.float32(alpha), jnp.float32(1.3), w, b, logits
+
+
+def _loss(fn):
+    """A loss touching all three outputs with non-trivial cotangents."""
+
+    def loss(*args):
+        y, lg, m = fn(*args)
+        wy = jnp.cos(jnp.arange(y.size, dtype=F32).reshape(y.shape))
+        wm = jnp.sin(jnp.arange(m.size, dtype=F32).reshape(m.shape))
+        return jnp.sum(y.astype(F32) * wy) + 1.7 * jnp.sum(lg) + jnp.sum(m * wm), (y, lg, m)
+
+    return loss
+
+
+def _value_and_grads(fn, args):
+    g = jax.jit(jax.value_and_grad(_loss(fn), argnums=tuple(range(7)), has_aux=True))
+    (_, outs), grads = g(*args)
+    return outs, grads
+
+
+def _f32(x):
+    return np.asarray(jnp.asarray(x, F32))
+
+
+def check_against_reference(impl, args, tiling=None, interpret=None):
+    outs, grads = _value_and_grads(
+        lambda *a: nag_update(*a, impl=impl, tiling=tiling, interpret=interpret), args)
+    r_outs, r_grads = _value_and_grads(reference.nag_update, args)
+    low = args[1].dtype == BF16 or args[0].dtype == BF16
+
+    # Forward: D' in D's dtype (one bf16 rounding apart at most), l and m in float32.
+    y, lg, m = outs
+    ry, rlg, rm = r_outs
+    assert y.dtype == ry.dtype and y.shape == ry.shape
+    assert lg.dtype == F32 and m.dtype == F32 and lg.shape == rlg.shape and m.shape == rm.shape
+    for name, a in zip(("y", "l", "m"), outs):
+        assert np.isfinite(_f32(a)).all(), f"{name}: non-finite (unwritten or leaked) values"
+    ytol = 2e-2 if y.dtype == BF16 else 2e-5
+    np.testing.assert_allclose(_f32(y), _f32(ry), atol=ytol, rtol=ytol)
+    stol = 2e-4 if low else 2e-6
+    np.testing.assert_allclose(_f32(lg), _f32(rlg), atol=stol, rtol=stol)
+    np.testing.assert_allclose(_f32(m), _f32(rm), atol=stol, rtol=stol)
+
+    # Gradients of every input, relative to the largest reference entry of that gradient.
+    for name, a, gk, gr in zip(ARGNAMES, args, grads, r_grads):
+        assert gk.shape == jnp.shape(a) and gk.dtype == jnp.asarray(a).dtype, name
+        gk, gr = _f32(gk), _f32(gr)
+        assert np.isfinite(gk).all(), f"d{name}: non-finite"
+        scale = np.max(np.abs(gr)) + 1e-30
+        bf16_out = jnp.asarray(a).dtype == BF16
+        tol = 2e-2 if bf16_out else (1e-3 if low else 5e-5)
+        err = np.max(np.abs(gk - gr)) / scale
+        assert err < tol, f"d{name}: max |kernel - ref| / max |ref| = {err:.3g} >= {tol}"
+        if bf16_out:  # elementwise bf16 rounding aside, the bulk must agree much better
+            assert np.mean(np.abs(gk - gr)) / scale < 2e-3, name
+
+
+# (n, d, f dtype, D dtype, tiling, bias shift). Ragged n everywhere; chunked (several column chunks
+# per row, the fori_loop path) and single-chunk tilings; d = 64, 128, 256 and a non-power-of-two
+# 384 (3 chunks of 128, like d = 768).
+GPU_CASES = [
+    pytest.param(37, 64, F32, F32, GpuConfig(block_rows=16), 0.0, id="n37-d64-f32"),
+    pytest.param(100, 256, BF16, BF16, GpuConfig(block_rows=16, block_cols=64), 0.0,
+                 id="n100-d256-bf16-4chunks"),
+    pytest.param(50, 128, F32, BF16, None, 0.0, id="n50-d128-f32f-bf16D-default"),
+    pytest.param(45, 384, BF16, BF16, GpuConfig(block_rows=32, block_cols=128), 0.0,
+                 id="n45-d384-bf16-3chunks"),
+    pytest.param(41, 128, F32, F32, GpuConfig(block_rows=16, block_cols=32), -14.25,
+                 id="n41-d128-f32-gatefloor"),
+    pytest.param(33, 256, BF16, BF16, GpuConfig(block_rows=16, block_cols=128, fwd_passes=2), 0.0,
+                 id="n33-d256-bf16-2pass"),
+]
+
+TPU_CASES = [
+    # 3 blocks over 2 partials: the last step re-reads a clamped block that must be masked out.
+    pytest.param(37, 64, F32, F32, TpuConfig(block_rows=16), 0.0, id="n37-d64-f32-clamped"),
+    pytest.param(100, 256, BF16, BF16, TpuConfig(block_rows=32), 0.0, id="n100-d256-bf16"),
+    pytest.param(50, 128, BF16, F32, None, -14.25, id="n50-d128-bf16f-f32D-gatefloor"),
+]
+
+
+@pytest.mark.parametrize("n,d,fdt,ddt,tiling,shift", GPU_CASES)
+def test_gpu_kernel_interpret_matches_reference(n, d, fdt, ddt, tiling, shift):
+    args = make_inputs(n, d, fdt=fdt, ddt=ddt, bias_shift=shift)
+    check_against_reference("pallas_gpu", args, tiling=tiling, interpret=True)
+
+
+@pytest.mark.parametrize("n,d,fdt,ddt,tiling,shift", TPU_CASES)
+def test_tpu_kernel_interpret_matches_reference(n, d, fdt, ddt, tiling, shift):
+    args = make_inputs(n, d, fdt=fdt, ddt=ddt, bias_shift=shift)
+    check_against_reference("pallas_tpu", args, tiling=tiling, interpret=True)
+
+
+@pytest.mark.parametrize("impl,tiling", [("pallas_gpu", GpuConfig(block_rows=16)),
+                                         ("pallas_tpu", TpuConfig(block_rows=16))])
+def test_alpha_zero_is_exact_identity(impl, tiling):
+    """g = 0 (alpha = 0, e.g. an alpha warm-up at step 0) returns D bit for bit, like the reference,
+    with the reference's gradients (dD' flows to dD only)."""
+    args = make_inputs(21, 64, fdt=BF16, ddt=BF16, alpha=0.0)
+    y, lg, m = nag_update(*args, impl=impl, tiling=tiling, interpret=True)
+    assert (np.asarray(y) == np.asarray(args[1])).all() and (np.asarray(lg) == 0).all()
+    check_against_reference(impl, args, tiling=tiling, interpret=True)
+
+
+def test_gate_floor_case_really_clamps():
+    """The gate-floor cases above are only meaningful if some rows sit on the floor and some not."""
+    args = make_inputs(41, 128, bias_shift=-14.25)
+    f, dd, alpha, beta, w, b, logits = args
+    pi = jax.nn.softmax(logits)
+    mix = jax.nn.sigmoid(dd @ w.T + b) @ pi
+    frac = float(jnp.mean(mix < 1e-6))
+    assert 0.05 < frac < 0.95, frac
+
+
+def test_leading_dims_and_forward_only():
+    args = make_inputs(0, 64, lead=(3, 7))
+    out = nag_update(*args, impl="pallas_gpu", tiling=GpuConfig(block_rows=16))
+    ref = reference.nag_update(*args)
+    assert out[0].shape == (3, 7, 64) and out[1].shape == (3, 7) and out[2].shape == (3, 7)
+    for a, r in zip(out, ref):
+        np.testing.assert_allclose(_f32(a), _f32(r), atol=2e-5, rtol=2e-5)
+
+
+def test_auto_is_reference_on_cpu_and_float64_falls_back():
+    from pallas_kernels.nag_update.ops import resolve_impl
+
+    if jax.default_backend() == "cpu":
+        assert resolve_impl("auto", 128) == "reference"
+    assert resolve_impl("auto", 128, (jnp.float64,)) == "reference"
+    assert resolve_impl("pallas_tpu", 128) == "pallas_tpu"
+    with pytest.raises(ValueError):
+        resolve_impl("triton", 128)
+
+
+def _export(fn, platform, *avals):
+    from jax import export
+
+    checks = []
+    if platform == "cuda":
+        from pallas_kernels.nag_update.gpu import pltriton
+
+        target = getattr(pltriton, "CUSTOM_CALL_TARGET_NAME", "__gpu$xla.gpu.triton")
+        checks = [export.DisabledSafetyCheck.custom_call(target)]
+    return export.export(jax.jit(fn), platforms=[platform], disabled_checks=checks)(*avals)
+
+
+@pytest.mark.parametrize(
+    "impl,platform,n,d,dt,tiling",
+    [
+        ("pallas_gpu", "cuda", 4099, 768, BF16, None),
+        ("pallas_gpu", "cuda", 1000, 1024, F32, GpuConfig(block_rows=16, block_cols=1024)),
+        ("pallas_gpu", "cuda", 999, 2048, BF16, GpuConfig(block_rows=32, block_cols=512,
+                                                          num_warps=8, fwd_passes=2)),
+        ("pallas_tpu", "tpu", 4099, 768, BF16, None),
+        ("pallas_tpu", "tpu", 77, 64, F32, TpuConfig(block_rows=16)),
+    ],
+    ids=["triton-d768-bf16", "triton-d1024-f32-1chunk", "triton-d2048-bf16-2pass",
+         "mosaic-d768-bf16", "mosaic-d64-f32"],
+)
+def test_kernels_lower_for_their_target_on_cpu(impl, platform, n, d, dt, tiling):
+    """Forward + backward lower to Triton IR (CUDA) / Mosaic (TPU) without the device."""
+    row = jax.ShapeDtypeStruct((n, d), dt)
+    s = jax.ShapeDtypeStruct((), F32)
+    w = jax.ShapeDtypeStruct((32, d), F32)
+    v = jax.ShapeDtypeStruct((32,), F32)
+
+    def loss(*a):
+        y, lg, m = nag_update(*a, impl=impl, interpret=False, tiling=tiling)
+        return jnp.sum(y.astype(F32)) + jnp.sum(lg) + jnp.sum(m)
+
+    try:
+        exp = _export(jax.value_and_grad(loss, argnums=tuple(range(7))), platform,
+                      row, row, s, s, w, v, v)
+    except ImportError as e:  # a jaxlib built without that backend's bindings
+        pytest.skip(f"cannot lower for {platform}: {e}")
+    text = exp.mlir_module()
+    call = "xla.gpu.triton" if platform == "cuda" else "tpu_custom_call"
+    assert text.count(call) == 2  # one forward, one backward kernel
+
+
+# ----------------------------------------------------------------------------------------------
+# On the real device (compiled, not interpreted)
+# ----------------------------------------------------------------------------------------------
+
+DEVICE_CASES = [
+    (4099, 768, BF16, BF16),
+    (2048, 1024, BF16, BF16),
+    (1000, 2048, F32, F32),
+    (333, 64, F32, BF16),
+]
+
+GPU_TILINGS = [
+    None,  # the defaults `auto` uses
+    GpuConfig(block_rows=32, block_cols=128, num_warps=8),
+    GpuConfig(block_rows=16, block_cols=256, fwd_passes=2),
+]
+
+
+def _device_check(impl, n, d, fdt, ddt, tiling=None):
+    args = make_inputs(n, d, fdt=fdt, ddt=ddt, seed=3)
+    with jax.default_matmul_precision("highest"):  # an fp32 reference, not TF32
+        check_against_reference(impl, args, tiling=tiling, interpret=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+@pytest.mark.parametrize("tiling", GPU_TILINGS, ids=["default", "R32-K128-nw8", "2pass"])
+@pytest.mark.parametrize("n,d,fdt,ddt", DEVICE_CASES)
+def test_gpu_kernel_compiled_matches_reference(n, d, fdt, ddt, tiling):
+    _device_check("pallas_gpu", n, d, fdt, ddt, tiling)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+def test_gpu_auto_uses_the_kernel_and_single_chunk_rows_compile():
+    assert nag_update.__module__.endswith("ops")
+    from pallas_kernels.nag_update.ops import resolve_impl
+
+    assert resolve_impl("auto", 1024) == "pallas_gpu"
+    _device_check("pallas_gpu", 1000, 1024, BF16, BF16,
+                  GpuConfig(block_rows=16, block_cols=1024, num_warps=8))
+
+
+@pytest.mark.skipif(jax.default_backend() != "tpu", reason="needs a TPU")
+@pytest.mark.parametrize("n,d,fdt,ddt", DEVICE_CASES)
+def test_tpu_kernel_compiled_matches_reference(n, d, fdt, ddt):
+    _device_check("pallas_tpu", n, d, fdt, ddt)
+
+
+def test_benchmark_script_quick_runs(capsys):
+    """benchmarks/nag_update.py --quick runs end to end on CPU (correctness + timing table)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "nag_update.py"
+    spec = importlib.util.spec_from_file_location("bench_nag_update", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--quick", "--shapes", "40x64", "--reps", "1", "--inner", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "copy ceiling" in out and "fwd+bwd" in out and "FAIL" not in out

@@ -1,0 +1,173 @@
+"""End-to-end training through the CLI: exact resume after SIGKILL, crash-safe checkpoints,
+SIGTERM handling, evaluation of a workdir, logs, and clear errors for damaged checkpoints.
+
+The runs are real `nagjax train` subprocesses on a tiny config. Crashes are injected at
+deterministic points by a small wrapper that patches the child process only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from nagjax.cli import main
+from nagjax.train.checkpoint import CheckpointError, CheckpointStore
+from nagjax.train.logging import read_metrics
+from nagjax.train.trainer import evaluate_workdir
+
+STEPS = 12
+TINY = [
+    "model.d_model=32", "model.depth=2", "model.n_heads=2", "model.d_ff=64",
+    "data.seq_len=32", "data.batch_size=4", "data.vocab_size=4096",
+    f"train.steps={STEPS}", "train.checkpoint_every=4", "train.eval_every=6", "train.eval_batches=2",
+    "train.log_every=1", "train.progress_bar=false", "optim.warmup_steps=2",
+]
+
+# Runs in the child before the CLI: optionally kills itself at a chosen point.
+CHILD = textwrap.dedent(
+    """
+    import os, signal, sys
+    kill_after_log = int(os.environ.get("KILL_AFTER_LOGGED_STEP", "0"))
+    crash_in_save = int(os.environ.get("CRASH_IN_CHECKPOINT_SAVE", "0"))
+    term_after_log = int(os.environ.get("SIGTERM_AFTER_LOGGED_STEP", "0"))
+    from nagjax.train import logging as tlog
+    write = tlog.ScalarWriter.write
+    def patched_write(self, step, scalars):
+        write(self, step, scalars)
+        if "train/loss" in scalars:
+            self.flush()
+            if step == kill_after_log:
+                os.kill(os.getpid(), signal.SIGKILL)
+            if step == term_after_log:
+                os.kill(os.getpid(), signal.SIGTERM)
+    tlog.ScalarWriter.write = patched_write
+    if crash_in_save:
+        import orbax.checkpoint as ocp
+        from nagjax.train import checkpoint as ck
+        json_save = ocp.JsonCheckpointHandler.async_save
+        def crashing_save(self, directory, *args, **kwargs):
+            # Crash while the checkpoint of step `crash_in_save` is half written.
+            if f"/{crash_in_save}.orbax-checkpoint-tmp" in str(directory):
+                os.kill(os.getpid(), signal.SIGKILL)
+            return json_save(self, directory, *args, **kwargs)
+        ocp.JsonCheckpointHandler.async_save = crashing_save
+    from nagjax.cli import main
+    sys.exit(main(sys.argv[1:]))
+    """
+)
+
+
+def run_train(workdir: Path, extra_env: dict | None = None, overrides=()) -> subprocess.CompletedProcess:
+    env = {**os.environ, **(extra_env or {})}
+    cmd = [sys.executable, "-c", CHILD, "train", "--workdir", str(workdir), "--set", *TINY, *overrides]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def losses(workdir: Path) -> dict[int, float]:
+    records = read_metrics(workdir / "logs" / "metrics.jsonl")
+    return {s: r["train/loss"] for s, r in records.items() if "train/loss" in r}
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("ref") / "run"
+    proc = run_train(workdir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return workdir, proc
+
+
+def test_uninterrupted_run_logs_and_checkpoints(reference_run):
+    workdir, proc = reference_run
+    assert "final validation loss" in proc.stdout
+    ref = losses(workdir)
+    assert sorted(ref) == list(range(1, STEPS + 1))
+    assert ref[STEPS] < ref[1]  # it learns
+    records = read_metrics(workdir / "logs" / "metrics.jsonl")
+    last = records[STEPS]
+    for key in ("train/lr", "train/grad_norm", "perf/tokens_per_s", "eval/loss", "eval/bpb",
+                "layers/stream_rms/01_mlp", "layers/gate_mean/00_attn", "layers/alpha/01_attn"):
+        assert key in last, key
+    assert list(workdir.glob("logs/events.out.tfevents.*"))
+    config = json.loads((workdir / "config.json").read_text())
+    assert config["model"]["residual"] == "nag" and config["model"]["vocab_size"] == 4096
+    assert json.loads((workdir / "run_info.json").read_text())["backend"] == "cpu"
+    assert CheckpointStore(workdir / "checkpoints", read_only=True).all_steps() == [8, 12]
+
+
+def test_sigkill_then_resume_is_bit_exact(reference_run, tmp_path):
+    ref_dir, _ = reference_run
+    workdir = tmp_path / "run"
+    killed = run_train(workdir, {"KILL_AFTER_LOGGED_STEP": "6"})  # last checkpoint: step 4
+    assert killed.returncode == -signal.SIGKILL
+    assert sorted(losses(workdir)) == list(range(1, 7))
+    resumed = run_train(workdir)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming" in resumed.stdout and "at step 4" in resumed.stdout
+    assert losses(workdir) == losses(ref_dir)  # every step, to the bit
+
+
+def test_crash_during_checkpoint_write_is_never_restored(reference_run, tmp_path):
+    ref_dir, _ = reference_run
+    workdir = tmp_path / "run"
+    crashed = run_train(workdir, {"CRASH_IN_CHECKPOINT_SAVE": "8"})
+    assert crashed.returncode == -signal.SIGKILL
+    leftovers = [p.name for p in (workdir / "checkpoints").iterdir()]
+    assert any("tmp" in name for name in leftovers), leftovers  # a half-written step 8 exists
+    assert CheckpointStore(workdir / "checkpoints", read_only=True).all_steps() == [4]
+    resumed = run_train(workdir)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "at step 4" in resumed.stdout
+    assert losses(workdir) == losses(ref_dir)
+    assert not any("tmp" in p.name for p in (workdir / "checkpoints").iterdir())
+
+
+def test_sigterm_saves_and_exits_cleanly(reference_run, tmp_path):
+    ref_dir, _ = reference_run
+    workdir = tmp_path / "run"
+    stopped = run_train(workdir, {"SIGTERM_AFTER_LOGGED_STEP": "5"})
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    assert "SIGTERM: saved checkpoint at step 5" in stopped.stdout + stopped.stderr
+    assert 5 in CheckpointStore(workdir / "checkpoints", read_only=True).all_steps()
+    resumed = run_train(workdir)
+    assert resumed.returncode == 0 and "at step 5" in resumed.stdout
+    assert losses(workdir) == losses(ref_dir)
+
+
+def test_eval_workdir_matches_training_eval(reference_run, capsys):
+    workdir, _ = reference_run
+    out = evaluate_workdir(workdir)
+    logged = read_metrics(workdir / "logs" / "metrics.jsonl")[STEPS]
+    assert out["step"] == STEPS
+    assert out["loss"] == pytest.approx(logged["eval/loss"], rel=1e-6)
+    assert out["bpb"] == pytest.approx(logged["eval/bpb"], rel=1e-6)
+    assert main(["eval", "--workdir", str(workdir), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == STEPS
+
+
+def test_resume_with_different_model_is_refused(reference_run, tmp_path, capsys):
+    workdir = tmp_path / "run"
+    shutil.copytree(reference_run[0], workdir)
+    rc = main(["train", "--workdir", str(workdir), "--set", *TINY, "model.depth=3"])
+    assert rc == 2
+    assert "model.depth: saved 2 vs requested 3" in capsys.readouterr().err
+
+
+def test_corrupt_or_missing_checkpoint_gives_clear_error(reference_run, tmp_path, capsys):
+    workdir = tmp_path / "run"
+    shutil.copytree(reference_run[0], workdir)
+    state_dir = workdir / "checkpoints" / "12" / "state"
+    for f in state_dir.rglob("*"):
+        if f.is_file() and f.stat().st_size > 0 and "metadata" not in f.name:
+            f.write_bytes(b"\0garbage" * 8)
+    with pytest.raises(CheckpointError, match=r"checkpoints/12 is unreadable or corrupt.*Delete"):
+        evaluate_workdir(workdir)
+    rc = main(["eval", "--workdir", str(tmp_path / "nowhere")])
+    assert rc == 2 and "nagjax train --workdir" in capsys.readouterr().err
