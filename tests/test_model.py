@@ -85,7 +85,7 @@ def test_nag_zero_gain_is_exact_identity():
     key = jax.random.key(1)
     e = jax.random.normal(key, (2, 5, cfg.d_model))
     state = NagStream(cfg, rngs=nnx.Rngs(0)).encode(e)
-    new, _ = block(state, lambda x: 10.0 * jnp.sin(x) + 1.0, MLP, 0, StepContext())
+    new, _ = block(state, lambda x, p: 10.0 * jnp.sin(x) + 1.0, None, MLP, 0, StepContext())
     assert bool(jnp.all(new["direction"] == state["direction"]))
     assert bool(jnp.all(new["log_norm"] == state["log_norm"]))
 
@@ -111,7 +111,10 @@ def test_nag_init_and_parametrisation():
     logits = model.stream.logits(state, model.head[...])
     w_c = model.head[...] - model.head[...].mean(-1, keepdims=True)
     cos = (state["direction"] @ w_c.T) / (np.linalg.norm(w_c, axis=-1) * np.sqrt(cfg.d_model))
-    np.testing.assert_allclose(logits, jnp.exp(state["log_norm"])[..., None] * cos, rtol=1e-4, atol=1e-7)
+    gain = model.stream.decode_log_gain[...]
+    np.testing.assert_allclose(gain, np.log(cfg.nag.head_scale_init / cfg.init_std), rtol=1e-6)
+    scale = jnp.exp(state["log_norm"] + gain)[..., None]
+    np.testing.assert_allclose(logits, scale * cos, rtol=1e-4, atol=1e-6)
 
 
 def test_lns_scales_both_prenorms_by_block_index():
@@ -121,10 +124,10 @@ def test_lns_scales_both_prenorms_by_block_index():
     normed = x / _rms(x)[..., None]
     for i in range(4):
         for slot in (ATTENTION, MLP):
-            new, _ = block({"x": x}, lambda h: h, slot, jnp.int32(i), StepContext())
+            new, _ = block({"x": x}, lambda h, p: h, None, slot, jnp.int32(i), StepContext())
             np.testing.assert_allclose(new["x"] - x, normed / np.sqrt(i + 1), rtol=1e-5, atol=1e-6)
     plain = PreNormResidual(cfg, 0, layernorm_scaling=False, rngs=nnx.Rngs(0))
-    new, _ = plain({"x": x}, lambda h: h, MLP, jnp.int32(3), StepContext())
+    new, _ = plain({"x": x}, lambda h, p: h, None, MLP, jnp.int32(3), StepContext())
     np.testing.assert_allclose(new["x"] - x, normed, rtol=1e-5, atol=1e-6)
 
 

@@ -133,7 +133,7 @@ def test_alpha_zero_is_exact_identity(impl, tiling):
     """g = 0 (alpha = 0, e.g. an alpha warm-up at step 0) returns D bit for bit, like the reference,
     with the reference's gradients (dD' flows to dD only)."""
     args = make_inputs(21, 64, fdt=BF16, ddt=BF16, alpha=0.0)
-    y, lg, m = nag_update(*args, impl=impl, tiling=tiling, interpret=True)
+    y, lg, _ = nag_update(*args, impl=impl, tiling=tiling, interpret=True)
     assert (np.asarray(y) == np.asarray(args[1])).all() and (np.asarray(lg) == 0).all()
     check_against_reference(impl, args, tiling=tiling, interpret=True)
 
@@ -141,7 +141,7 @@ def test_alpha_zero_is_exact_identity(impl, tiling):
 def test_gate_floor_case_really_clamps():
     """The gate-floor cases above are only meaningful if some rows sit on the floor and some not."""
     args = make_inputs(41, 128, bias_shift=-14.25)
-    f, dd, alpha, beta, w, b, logits = args
+    _, dd, _, _, w, b, logits = args
     pi = jax.nn.softmax(logits)
     mix = jax.nn.sigmoid(dd @ w.T + b) @ pi
     frac = float(jnp.mean(mix < 1e-6))

@@ -30,10 +30,10 @@ class Block(nnx.Module):
         self.residual = get_scheme(cfg.residual)[1](cfg, block_index, rngs=rngs)
 
     def __call__(self, state: State, positions_bt, block_index, ctx: StepContext):
-        state, attn_stats = self.residual(
-            state, lambda x: self.attn(x, positions_bt), ATTENTION, block_index, ctx
+        state, attn_stats = self.residual(state, self.attn, positions_bt, ATTENTION, block_index, ctx)
+        state, mlp_stats = self.residual(
+            state, lambda x, _positions: self.mlp(x), positions_bt, MLP, block_index, ctx
         )
-        state, mlp_stats = self.residual(state, self.mlp, MLP, block_index, ctx)
         stats = {k: jnp.stack([attn_stats[k], mlp_stats[k]]) for k in attn_stats}
         return state, stats
 

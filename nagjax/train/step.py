@@ -26,9 +26,24 @@ def alpha_scale(cfg: ModelConfig, step):
     return jnp.minimum(1.0, (jnp.asarray(step, jnp.float32) + 1.0) / warmup)
 
 
+def block_grad_norms(grads) -> jax.Array:
+    """Per-block gradient norm [depth] over all parameters of each block (stacked on axis 0)."""
+    leaves = jax.tree.leaves(grads["blocks"])
+    return jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32)).reshape(g.shape[0], -1), axis=1)
+                        for g in leaves))
+
+
+def init_aux(cfg: ModelConfig) -> dict:
+    """Training-time accumulators saved with every checkpoint (not parameters)."""
+    return {
+        # CascadeFlow score (SPEC 5): sum over steps of each block's gradient norm.
+        "block_grad_norm_sum": jnp.zeros((cfg.depth,), jnp.float32),
+    }
+
+
 @dataclass(frozen=True)
 class Steps:
-    train: Callable  # (params, opt_state, batch, step) -> (params, opt_state, metrics)
+    train: Callable  # (state, batch, step) -> (state, metrics); state = {params, opt_state, aux}
     eval: Callable  # (params, batch) -> (sum of token losses, token count)
 
 
@@ -39,17 +54,21 @@ def make_steps(graphdef: nnx.GraphDef, cfg: ModelConfig, optimizer: optax.Gradie
         loss = jnp.mean(cross_entropy(logits, batch["targets"]))
         return loss, stats
 
-    def train_step(params, opt_state, batch, step):
+    def train_step(state, batch, step):
+        params, opt_state, aux = state["params"], state["opt_state"], state["aux"]
         (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, step)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
+        block_norms = block_grad_norms(grads)
+        aux = {**aux, "block_grad_norm_sum": aux["block_grad_norm_sum"] + block_norms}
         metrics = {
             "loss": loss,
             "grad_norm": optax.global_norm(grads),
             "lr": lr_fn(step),
             "layers": stats,  # each [depth, 2] (attention, MLP)
+            "block_grad_norm": block_norms,
         }
-        return params, opt_state, metrics
+        return {"params": params, "opt_state": opt_state, "aux": aux}, metrics
 
     def eval_step(params, batch):
         model = nnx.merge(graphdef, params)
@@ -57,4 +76,4 @@ def make_steps(graphdef: nnx.GraphDef, cfg: ModelConfig, optimizer: optax.Gradie
         losses = cross_entropy(logits, batch["targets"])
         return jnp.sum(losses), jnp.asarray(losses.size, jnp.float32)
 
-    return Steps(train=jax.jit(train_step, donate_argnums=(0, 1)), eval=jax.jit(eval_step))
+    return Steps(train=jax.jit(train_step, donate_argnums=(0,)), eval=jax.jit(eval_step))

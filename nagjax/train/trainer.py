@@ -30,7 +30,7 @@ from nagjax.model import build_model
 from nagjax.train import optim
 from nagjax.train.checkpoint import CheckpointStore, abstract_like
 from nagjax.train.logging import ScalarWriter, layer_scalars
-from nagjax.train.step import Steps, make_steps
+from nagjax.train.step import Steps, init_aux, make_steps
 
 # Keys that may change when a run is resumed (they do not change what the model computes).
 RESUMABLE_KEYS = ("name", "description", "train.steps", "train.eval_every", "train.eval_batches",
@@ -164,7 +164,7 @@ class Trainer:
 
         def init_state():
             params = nnx.split(build_model(cfg.model, seed=cfg.train.seed), nnx.Param)[1]
-            return {"params": params, "opt_state": self.optimizer.init(params)}
+            return {"params": params, "opt_state": self.optimizer.init(params), "aux": init_aux(cfg.model)}
 
         self.data = pipeline.train_iterator(
             cfg.data, process_index=jax.process_index(), process_count=jax.process_count()
@@ -225,10 +225,7 @@ class Trainer:
         with _StopSignal() as stop:
             while step < tc.steps:
                 batch = sharding.global_batch(self.mesh, next(self.data))
-                params, opt_state, metrics = self.steps.train(
-                    self.state["params"], self.state["opt_state"], batch, step
-                )
-                self.state["params"], self.state["opt_state"] = params, opt_state
+                self.state, metrics = self.steps.train(self.state, batch, step)
                 step += 1
                 bar.update(1)
                 done = step == tc.steps
@@ -238,7 +235,8 @@ class Trainer:
                     tok_s = tokens_per_step * (step - last_step) / max(now - last_time, 1e-9)
                     last_time, last_step = now, step
                     scalars = {"train/loss": m["loss"], "train/lr": m["lr"], "train/grad_norm": m["grad_norm"],
-                               "perf/tokens_per_s": tok_s, **layer_scalars(m["layers"])}
+                               "perf/tokens_per_s": tok_s, **layer_scalars(m["layers"]),
+                               **{f"blocks/grad_norm/{i:02d}": v for i, v in enumerate(m["block_grad_norm"])}}
                     util = flops.mfu(tok_s, self.flops_per_token, device_kind, jax.device_count())
                     if util is not None:
                         scalars["perf/mfu"] = util

@@ -4,8 +4,8 @@ A scheme has two parts:
   * a `Stream` (one per model) that turns token embeddings into the initial stream state and the
     final state into logits, and owns the embedding-side/head-side parameters of the scheme;
   * a `BlockResidual` (one per Transformer block, stacked and scanned with the block) that, given the
-    stream state and one sublayer as a function, returns the new state. The sublayer function maps
-    what the scheme feeds it ([b, t, d]) to its output ([b, t, d]).
+    stream state, the token positions and one sublayer as a function, returns the new state. The
+    sublayer maps what the scheme feeds it ([b, t, d], with positions [b, t]) to its output.
 
 The state is a dict of arrays (a pytree, so it can be the carry of `lax.scan`). Adding a scheme
 means one new file implementing these two classes and one line in `residual/__init__.py`; the
@@ -20,7 +20,9 @@ from typing import Callable, Protocol
 import jax
 
 State = dict[str, jax.Array]
-Sublayer = Callable[[jax.Array], jax.Array]
+# sublayer(x_btd, positions_bt) -> f_btd. Positions are the tokens' original positions, so a
+# scheme may run a sublayer on a subset of tokens (Mixture-of-Depths) with correct RoPE/causality.
+Sublayer = Callable[[jax.Array, jax.Array], jax.Array]
 
 ATTENTION, MLP = 0, 1  # sublayer slot within a block
 
@@ -47,6 +49,7 @@ class BlockResidual(Protocol):
         self,
         state: State,
         sublayer: Sublayer,
+        positions_bt: jax.Array,
         slot: int,
         block_index: jax.Array,
         ctx: StepContext,

@@ -97,12 +97,13 @@ class NagResidual(nnx.Module):
             self.mod_logits[...][slot],
         )
 
-    def __call__(self, state: State, sublayer: Sublayer, slot: int, block_index, ctx: StepContext):
+    def __call__(self, state: State, sublayer: Sublayer, positions_bt, slot: int, block_index,
+                 ctx: StepContext):
         del block_index
         direction = state["direction"]
         alpha, beta, w, b, logits = self.gate_params(slot)
         alpha = alpha * ctx.nag_alpha_scale
-        f = sublayer(direction)
+        f = sublayer(direction, positions_bt)
         new_direction, dlog, m = nag_update(
             f, direction, alpha, beta, w, b, logits, eps=self.eps, gate_floor=self.gate_floor
         )

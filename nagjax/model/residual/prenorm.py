@@ -49,12 +49,13 @@ class PreNormResidual(nnx.Module):
         self.norms = nnx.List([RMSNorm(cfg.d_model, cfg.norm_eps, rngs=rngs) for _ in range(2)])
         self.layernorm_scaling = layernorm_scaling
 
-    def __call__(self, state: State, sublayer: Sublayer, slot: int, block_index, ctx: StepContext):
+    def __call__(self, state: State, sublayer: Sublayer, positions_bt, slot: int, block_index,
+                 ctx: StepContext):
         x = state["x"]
         h = self.norms[slot](x)
         if self.layernorm_scaling:
             h = h * jax.lax.rsqrt(jnp.asarray(block_index, jnp.float32) + 1.0).astype(h.dtype)
-        f = sublayer(h)
+        f = sublayer(h, positions_bt)
         new = x + f.astype(x.dtype)
         stats = {
             "stream_rms": _mean_rms(new),
