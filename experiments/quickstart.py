@@ -7,9 +7,9 @@ from nagjax.registry import experiment
 def _quickstart(residual: str) -> Config:
     return Config(
         model=ModelConfig(residual=residual, d_model=128, depth=6, n_heads=4),
-        data=DataConfig(seq_len=128, batch_size=16, vocab_size=4096),
+        data=DataConfig(seq_len=128, batch_size=8, vocab_size=4096),
         optim=OptimConfig(lr=3e-3, warmup_steps=30),
-        train=TrainConfig(steps=400, eval_every=100, eval_batches=8, checkpoint_every=100),
+        train=TrainConfig(steps=300, eval_every=100, eval_batches=16, checkpoint_every=100),
     )
 
 

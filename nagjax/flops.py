@@ -14,7 +14,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from nagjax.config import ModelConfig
+import math
+
+import numpy as np
+
+from nagjax.config import ModConfig, ModelConfig
 
 # Elementwise FLOPs per feature of the row work, counted from the reference implementations.
 RMSNORM_ROW_FLOPS = 4  # square, mean, scale, gain
@@ -63,29 +67,90 @@ def mlp_params(cfg: ModelConfig) -> int:
 
 
 def residual_row_flops(cfg: ModelConfig) -> float:
-    """Row work per token per sublayer added by the residual scheme."""
+    """Row work per token per sublayer added by the residual scheme (dense execution)."""
     d = cfg.d_model
     if cfg.residual == "nag":
-        c = cfg.nag.modulator_channels
-        return NAG_ROW_FLOPS * d + 2 * c * d + 6 * c  # + modulator mat-vec, sigmoid/softmax mix
+        return NAG_ROW_FLOPS * d + modulator_flops(cfg)
     return RMSNORM_ROW_FLOPS * d + RESIDUAL_ADD_FLOPS * d
 
 
-def forward_breakdown(cfg: ModelConfig, seq_len: int, *, causal_fraction: float = 0.5) -> FlopBreakdown:
-    """Forward FLOPs per token of a dense model at context length `seq_len`."""
-    depth = cfg.depth
-    scores = 2 * 2 * seq_len * cfg.n_heads * cfg.head_dim * causal_fraction  # QK^T and AV
+def attnres_mix_flops(cfg: ModelConfig) -> float:
+    """AttnRes row work of one depth-mixing read (SPEC 4): per buffer slot (all N are executed,
+    masked ones included) key RMSNorm 4d, score 2d, weighted sum 2d, stream sum for stats 1d,
+    softmax ~5. Runs before every sublayer and once before the final norm."""
+    blocks = max(cfg.block_index_list) + 1
+    n = 1 + math.ceil(2 * blocks / cfg.attnres.block_size)
+    return n * (9.0 * cfg.d_model + 5.0)
+
+
+def block_mlp_widths(cfg: ModelConfig) -> list[int]:
+    """MLP hidden width per block (CascadeFormer taper, SPEC 5; uniform without it)."""
+    from nagjax.model.taper import block_widths
+
+    return block_widths(cfg)
+
+
+def modulator_flops(cfg: ModelConfig) -> float:
+    c = cfg.nag.modulator_channels
+    return 2 * c * cfg.d_model + 6 * c  # C x d mat-vec, sigmoid, softmax-weighted sum, power
+
+
+def executed_fractions(cfg: ModelConfig, seq_len: int, mod: ModConfig | None) -> np.ndarray:
+    """[depth, 2] share of tokens that run each sublayer under MoD training (k/T), else 1."""
+    out = np.ones((cfg.depth, 2))
+    if mod is None or mod.rate == 0 or cfg.residual != "nag":
+        return out
+    keep = min(seq_len, max(1, math.ceil((1.0 - mod.rate) * seq_len - 1e-9))) / seq_len
+    for slot, name in enumerate(("attention", "mlp")):
+        if mod.sublayers in ("both", name):
+            out[mod.exempt_first_blocks:, slot] = keep
+    return out
+
+
+def forward_breakdown(cfg: ModelConfig, seq_len: int, *, causal_fraction: float = 0.5,
+                      mod: ModConfig | None = None, executed=None) -> FlopBreakdown:
+    """Forward FLOPs per token (averaged over the sequence) at context length `seq_len`.
+
+    Counts executed work only. `mod` gives the training-time Mixture-of-Depths fractions (k/T per
+    skipping sublayer, plus top-k, gather and scatter); `executed` ([depth, 2] fractions, e.g.
+    measured at inference thresholds) overrides them and adds no gather/scatter. The modulator
+    always runs on every token. With `mod.kv == "kept"` skipped tokens give no K/V (K/V
+    projections and scores shrink with the kept share); with "all" every token's K/V is computed.
+    """
+    d, hd = cfg.d_model, cfg.head_dim
+    gathered = executed is None and mod is not None and mod.rate > 0
+    frac = np.asarray(executed if executed is not None else executed_fractions(cfg, seq_len, mod), float)
+    kv_kept = mod is None or mod.kv == "kept"
+    qo = 2.0 * 2 * d * cfg.n_heads * hd
+    kv = 2.0 * 2 * d * cfg.kv_heads * hd
+    scores = 2 * 2 * seq_len * cfg.n_heads * hd * causal_fraction  # QK^T and AV, all tokens
+    attn_m = attn_s = mlp = resid = 0.0
+    for (fa, fm), width in zip(frac, block_mlp_widths(cfg)):
+        attn_m += qo * fa + kv * (fa if kv_kept else 1.0)
+        attn_s += scores * (fa * fa if kv_kept else fa)
+        mlp += 2.0 * 3 * d * width * fm
+        for f in (fa, fm):
+            if cfg.residual == "nag":
+                resid += NAG_ROW_FLOPS * d * f + modulator_flops(cfg)
+                if gathered and f < 1.0:
+                    resid += 2 * d * f + math.log2(seq_len)  # gather + scatter, top-k
+            else:
+                resid += RMSNORM_ROW_FLOPS * d + RESIDUAL_ADD_FLOPS * d
+                if cfg.residual == "attnres":
+                    resid += attnres_mix_flops(cfg)
+    if cfg.residual == "attnres":
+        resid += attnres_mix_flops(cfg)  # the final aggregation before the final norm
     return FlopBreakdown(
-        attention_matmuls=2.0 * attention_params(cfg) * depth,
-        attention_scores=scores * depth,
-        mlp=2.0 * mlp_params(cfg) * depth,
+        attention_matmuls=attn_m,
+        attention_scores=attn_s,
+        mlp=mlp,
         head=2.0 * cfg.vocab_size * cfg.d_model,
-        residual=residual_row_flops(cfg) * 2 * depth,
+        residual=resid,
     )
 
 
-def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    return forward_breakdown(cfg, seq_len).train
+def train_flops_per_token(cfg: ModelConfig, seq_len: int, mod: ModConfig | None = None) -> float:
+    return forward_breakdown(cfg, seq_len, mod=mod).train
 
 
 def peak_flops(device_kind: str) -> float | None:

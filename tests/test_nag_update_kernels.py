@@ -275,3 +275,34 @@ def test_benchmark_script_quick_runs(capsys):
     assert mod.main(["--quick", "--shapes", "40x64", "--reps", "1", "--inner", "1"]) == 0
     out = capsys.readouterr().out
     assert "copy ceiling" in out and "fwd+bwd" in out and "FAIL" not in out
+
+
+def test_model_trains_to_the_same_losses_with_the_kernel():
+    """model.nag.kernel=pallas (interpret mode on CPU) reproduces the reference training run."""
+    import dataclasses
+
+    from flax import nnx
+
+    from nagjax.config import ModelConfig, NagConfig, OptimConfig
+    from nagjax.model import build_model
+    from nagjax.train import optim
+    from nagjax.train.step import init_aux, make_steps
+
+    base = ModelConfig(residual="nag", vocab_size=64, d_model=64, depth=2, n_heads=2, d_ff=64,
+                       compute_dtype="float32")
+    tokens = jax.random.randint(jax.random.key(0), (2, 17), 0, 64)
+    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+
+    def losses(kernel):
+        cfg = dataclasses.replace(base, nag=NagConfig(kernel=kernel))
+        graphdef, params = nnx.split(build_model(cfg), nnx.Param)
+        opt = optim.make_optimizer(OptimConfig(warmup_steps=0), 4, params)
+        steps = make_steps(graphdef, cfg, opt, optim.schedule(OptimConfig(warmup_steps=0), 4))
+        state = {"params": params, "opt_state": opt.init(params), "aux": init_aux(cfg)}
+        out = []
+        for i in range(3):
+            state, metrics = steps.train(state, batch, i)
+            out.append(float(metrics["loss"]))
+        return out
+
+    np.testing.assert_allclose(losses("pallas"), losses("reference"), rtol=2e-5)

@@ -77,16 +77,31 @@ class Attention(nnx.Module):
         self.wo = param(rngs, init, (h, hd, d), ("heads", "head_dim", "embed"))
         self.cfg = cfg
 
-    def __call__(self, x_btd, positions_bt):
+    def __call__(self, x_btd, positions_bt, *, kv_btd=None, kv_positions_bt=None, kv_valid_bt=None):
+        """Causal attention of the queries `x_btd` at `positions_bt`.
+
+        Without `kv_*` the keys/values are the queries' own tokens in order (the fast `is_causal`
+        path). With them, keys/values come from `kv_btd` (e.g. all tokens while only some tokens
+        query, as in Mixture-of-Depths), causal by position, and `kv_valid_bt` masks out tokens
+        that give no K/V.
+        """
         dtype = x_btd.dtype
         q = jnp.einsum("btd,dnh->btnh", x_btd, self.wq[...].astype(dtype))
-        k = jnp.einsum("btd,dnh->btnh", x_btd, self.wk[...].astype(dtype))
-        v = jnp.einsum("btd,dnh->btnh", x_btd, self.wv[...].astype(dtype))
         q = rope(q, positions_bt, self.cfg.rope_theta)
-        k = rope(k, positions_bt, self.cfg.rope_theta)
-        out = jax.nn.dot_product_attention(
-            q, k, v, is_causal=True, implementation=_attention_impl(self.cfg, dtype)
-        )
+        explicit = kv_btd is not None or kv_valid_bt is not None
+        src, src_pos = (kv_btd, kv_positions_bt) if kv_btd is not None else (x_btd, positions_bt)
+        k = jnp.einsum("btd,dnh->btnh", src, self.wk[...].astype(dtype))
+        v = jnp.einsum("btd,dnh->btnh", src, self.wv[...].astype(dtype))
+        k = rope(k, src_pos, self.cfg.rope_theta)
+        if explicit:
+            mask = src_pos[:, None, None, :] <= positions_bt[:, None, :, None]  # [b, 1, q, k]
+            if kv_valid_bt is not None:
+                mask = mask & kv_valid_bt[:, None, None, :]
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask)
+        else:
+            out = jax.nn.dot_product_attention(
+                q, k, v, is_causal=True, implementation=_attention_impl(self.cfg, dtype)
+            )
         return jnp.einsum("btnh,nhd->btd", out, self.wo[...].astype(dtype))
 
 

@@ -49,6 +49,8 @@ def layer_scalars(layers: dict[str, np.ndarray]) -> dict[str, float]:
     out = {}
     for name, values in layers.items():
         values = np.asarray(values)
+        if values.ndim != 2:  # per-position or per-quantile arrays are for analysis, not scalars
+            continue
         for block in range(values.shape[0]):
             for slot, sub in enumerate(SUBLAYERS):
                 out[f"layers/{name}/{block:02d}_{sub}"] = float(values[block, slot])

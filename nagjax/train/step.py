@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from nagjax.config import ModelConfig
+from nagjax.config import ModConfig, ModelConfig
 from nagjax.model.residual.base import StepContext
 
 
@@ -27,10 +27,14 @@ def alpha_scale(cfg: ModelConfig, step):
 
 
 def block_grad_norms(grads) -> jax.Array:
-    """Per-block gradient norm [depth] over all parameters of each block (stacked on axis 0)."""
-    leaves = jax.tree.leaves(grads["blocks"])
-    return jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32)).reshape(g.shape[0], -1), axis=1)
-                        for g in leaves))
+    """Per-block gradient norm [depth] over all parameters of each block (stacked on axis 0;
+    a tapered model has one stack per stage, concatenated in block order)."""
+    stacks = [grads["blocks"]] if "blocks" in grads else [grads["stages"][i] for i in sorted(grads["stages"].keys())]
+    return jnp.concatenate([
+        jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32)).reshape(g.shape[0], -1), axis=1)
+                     for g in jax.tree.leaves(stack)))
+        for stack in stacks
+    ])
 
 
 def init_aux(cfg: ModelConfig) -> dict:
@@ -38,7 +42,18 @@ def init_aux(cfg: ModelConfig) -> dict:
     return {
         # CascadeFlow score (SPEC 5): sum over steps of each block's gradient norm.
         "block_grad_norm_sum": jnp.zeros((cfg.depth,), jnp.float32),
+        # Mixture-of-Depths inference thresholds (SPEC 2): EMA of the batch's rate-quantile of m
+        # per sublayer, so "execute iff m >= tau" realises the training skip rate causally.
+        "mod_tau": jnp.zeros((cfg.depth, 2), jnp.float32),
+        "mod_tau_updates": jnp.zeros((), jnp.int32),
     }
+
+
+def update_thresholds(aux: dict, quantile_ld, decay: float) -> dict:
+    """EMA with bias correction-free start: the first update takes the batch value."""
+    first = aux["mod_tau_updates"] == 0
+    tau = jnp.where(first, quantile_ld, decay * aux["mod_tau"] + (1.0 - decay) * quantile_ld)
+    return {**aux, "mod_tau": tau, "mod_tau_updates": aux["mod_tau_updates"] + 1}
 
 
 @dataclass(frozen=True)
@@ -47,10 +62,15 @@ class Steps:
     eval: Callable  # (params, batch) -> (sum of token losses, token count)
 
 
-def make_steps(graphdef: nnx.GraphDef, cfg: ModelConfig, optimizer: optax.GradientTransformation, lr_fn) -> Steps:
+def make_steps(graphdef: nnx.GraphDef, cfg: ModelConfig, optimizer: optax.GradientTransformation, lr_fn,
+               mod: ModConfig | None = None) -> Steps:
+    skipping = mod is not None and mod.rate > 0 and cfg.residual == "nag"
+
     def loss_fn(params, batch, step):
         model = nnx.merge(graphdef, params)
-        logits, stats = model(batch["inputs"], ctx=StepContext(nag_alpha_scale=alpha_scale(cfg, step)))
+        ctx = StepContext(nag_alpha_scale=alpha_scale(cfg, step),
+                          quantile_rates=(mod.rate,) if skipping else ())
+        logits, stats = model(batch["inputs"], ctx=ctx)
         loss = jnp.mean(cross_entropy(logits, batch["targets"]))
         return loss, stats
 
@@ -61,6 +81,8 @@ def make_steps(graphdef: nnx.GraphDef, cfg: ModelConfig, optimizer: optax.Gradie
         params = optax.apply_updates(params, updates)
         block_norms = block_grad_norms(grads)
         aux = {**aux, "block_grad_norm_sum": aux["block_grad_norm_sum"] + block_norms}
+        if skipping:
+            aux = update_thresholds(aux, stats.pop("gate_quantiles")[..., 0], mod.threshold_ema)
         metrics = {
             "loss": loss,
             "grad_norm": optax.global_norm(grads),

@@ -15,14 +15,18 @@ transformer and the trainer do not change.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Any, Callable, Literal, Protocol
 
 import jax
 
+from nagjax.config import ModConfig
+
 State = dict[str, jax.Array]
-# sublayer(x_btd, positions_bt) -> f_btd. Positions are the tokens' original positions, so a
-# scheme may run a sublayer on a subset of tokens (Mixture-of-Depths) with correct RoPE/causality.
-Sublayer = Callable[[jax.Array, jax.Array], jax.Array]
+# sublayer(x_btd, positions_bt, **kv) -> f_btd. Positions are the tokens' original positions, so a
+# scheme may run a sublayer on a subset of tokens (Mixture-of-Depths) with correct RoPE/causality;
+# attention also takes kv_btd / kv_positions_bt / kv_valid_bt (see layers.Attention), the MLP
+# ignores them.
+Sublayer = Callable[..., jax.Array]
 
 ATTENTION, MLP = 0, 1  # sublayer slot within a block
 
@@ -32,6 +36,11 @@ class StepContext:
     """Per-call values that are not parameters (traced scalars are fine)."""
 
     nag_alpha_scale: jax.Array | float = 1.0  # linear alpha warm-up factor (NAG only)
+    # Mixture-of-Depths (NAG only). The Transformer sets `mod` for the blocks that may skip.
+    mod: ModConfig | None = None
+    mod_mode: Literal["topk", "threshold"] = "topk"  # training gather/scatter | causal inference
+    mod_tau: Any = None  # [depth, 2] thresholds for "threshold" mode: execute iff m >= tau
+    quantile_rates: tuple[float, ...] = ()  # report these quantiles of m (threshold calibration)
 
 
 class Stream(Protocol):

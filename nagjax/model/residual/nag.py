@@ -11,16 +11,19 @@ Parameter groups (SPEC 1, used by the optimiser): every parameter whose path con
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nagjax.config import ModelConfig
+from nagjax.config import ModConfig, ModelConfig
 from nagjax.model.layers import param
-from nagjax.model.residual.base import State, StepContext, Sublayer
+from nagjax.model.residual.base import ATTENTION, State, StepContext, Sublayer
 from pallas_kernels.nag_update import nag_update
+from pallas_kernels.nag_update.reference import modulator
+from pallas_kernels.nag_update.reference import nag_update as nag_update_reference
 
 NAG_PARAM_NAMES = ("alpha", "beta_raw", "mod_w", "mod_b", "mod_logits", "g_enc")
 BETA_RAW_INIT = 0.5413  # softplus(0.5413) = 1.0
@@ -99,16 +102,28 @@ class NagResidual(nnx.Module):
 
     def __call__(self, state: State, sublayer: Sublayer, positions_bt, slot: int, block_index,
                  ctx: StepContext):
-        del block_index
-        direction = state["direction"]
+        direction, log_norm = state["direction"], state["log_norm"]
         alpha, beta, w, b, logits = self.gate_params(slot)
         alpha = alpha * ctx.nag_alpha_scale
-        f = sublayer(direction, positions_bt)
-        new_direction, dlog, m = nag_update(
-            f, direction, alpha, beta, w, b, logits, eps=self.eps, gate_floor=self.gate_floor
-        )
-        log_norm = state["log_norm"] + dlog
-        g = alpha * m
+        # m depends only on the input direction: Mixture-of-Depths reads it before the sublayer.
+        m = modulator(direction, w, b, logits, beta, gate_floor=self.gate_floor)
+        update = functools.partial(nag_update, eps=self.eps, gate_floor=self.gate_floor, impl=self.kernel)
+        mod = ctx.mod if ctx.mod is not None and mod_applies(ctx.mod, slot) else None
+        if mod is not None and ctx.mod_mode == "threshold":
+            direction, dlog, executed = self._threshold(
+                direction, m, sublayer, positions_bt, slot, block_index, ctx, mod, (alpha, beta, w, b, logits)
+            )
+        elif mod is not None and mod.rate > 0:
+            direction, dlog, executed = self._topk(
+                direction, m, sublayer, positions_bt, slot, mod, update, (alpha, beta, w, b, logits)
+            )
+        else:
+            f = sublayer(direction, positions_bt)
+            direction, dlog, _ = update(f, direction, alpha, beta, w, b, logits)
+            executed = jnp.ones(m.shape, jnp.bool_)
+        log_norm = log_norm + dlog
+        g = alpha * m * executed
+        skipped = 1.0 - executed.astype(jnp.float32)
         stats = {
             "stream_rms": jnp.mean(jnp.exp(log_norm)),
             "update_ratio": jnp.mean(g),  # ||g u|| / ||D|| with RMS(u) = RMS(D) = 1
@@ -116,5 +131,57 @@ class NagResidual(nnx.Module):
             "gate_floor_frac": jnp.mean((m <= self.gate_floor ** beta * (1 + 1e-3)).astype(jnp.float32)),
             "alpha": alpha,
             "beta": beta,
+            "skip_rate": jnp.mean(skipped),
+            "skip_by_position": jnp.mean(skipped, axis=0),  # [t]: the layer x position heat map
+            "gate_by_position": jnp.mean(m, axis=0),  # [t]
         }
-        return {"log_norm": log_norm, "direction": new_direction}, stats
+        if ctx.quantile_rates:
+            stats["gate_quantiles"] = jnp.quantile(m.reshape(-1), jnp.asarray(ctx.quantile_rates))
+        return {"log_norm": log_norm, "direction": direction}, stats
+
+    def _topk(self, direction, m, sublayer, positions_bt, slot, mod, update, gate):
+        """Training path: run the sublayer on the top-k tokens by m of each sequence only."""
+        t = direction.shape[1]
+        k = kept_tokens(t, mod.rate)
+        idx_bk = jnp.sort(jax.lax.top_k(m, k)[1], axis=-1)  # order (and so causality) preserved
+        take = lambda x: jnp.take_along_axis(x, idx_bk.reshape(idx_bk.shape + (1,) * (x.ndim - 2)), axis=1)
+        d_bkd, pos_bk = take(direction), take(positions_bt)
+        if slot == ATTENTION and mod.kv == "all":
+            f = sublayer(d_bkd, pos_bk, kv_btd=direction, kv_positions_bt=positions_bt)
+        else:
+            f = sublayer(d_bkd, pos_bk)
+        new_bkd, dlog_bk, _ = update(f, d_bkd, *gate)
+        rows = jnp.arange(direction.shape[0])[:, None]
+        direction = direction.at[rows, idx_bk].set(new_bkd.astype(direction.dtype))
+        dlog = jnp.zeros(m.shape, jnp.float32).at[rows, idx_bk].set(dlog_bk)
+        executed = jnp.zeros(m.shape, jnp.bool_).at[rows, idx_bk].set(True)
+        return direction, dlog, executed
+
+    def _threshold(self, direction, m, sublayer, positions_bt, slot, block_index, ctx, mod, gate):
+        """Causal inference path: token executes iff m >= tau (no look at other tokens' m).
+
+        Computes the sublayer densely and discards the skipped tokens' updates (g = 0 is an exact
+        identity); with kv="kept" skipped tokens are masked out of the attention keys. This path
+        measures accuracy at a skip rate; the compute saving is counted by `flops`, not realised.
+        """
+        alpha, beta, w, b, logits = gate
+        tau = jnp.asarray(ctx.mod_tau)[block_index, slot]
+        executed = m >= tau
+        if slot == ATTENTION and mod.kv == "kept":
+            f = sublayer(direction, positions_bt, kv_valid_bt=executed)
+        else:
+            f = sublayer(direction, positions_bt)
+        alpha_bt = jnp.where(executed, alpha, 0.0)  # per-token gain: the reference update
+        new, dlog, _ = nag_update_reference(
+            f, direction, alpha_bt, beta, w, b, logits, eps=self.eps, gate_floor=self.gate_floor
+        )
+        return new, dlog, executed
+
+
+def mod_applies(mod: ModConfig, slot: int) -> bool:
+    return mod.sublayers == "both" or (mod.sublayers == "attention") == (slot == ATTENTION)
+
+
+def kept_tokens(seq_len: int, rate: float) -> int:
+    """k = ceil((1 - r) T), at least 1."""
+    return max(1, math.ceil((1.0 - rate) * seq_len - 1e-9))

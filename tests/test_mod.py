@@ -1,0 +1,155 @@
+"""Mixture-of-Depths on NAG (SPEC 2): gather/scatter training path, causal thresholds, FLOPs."""
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from nagjax import flops
+from nagjax.config import ModConfig, ModelConfig
+from nagjax.model import StepContext, build_model
+from nagjax.model.residual.base import ATTENTION, MLP
+from nagjax.model.residual.nag import NagResidual, NagStream, kept_tokens
+
+CFG = ModelConfig(residual="nag", vocab_size=97, d_model=32, depth=3, n_heads=4, d_ff=64,
+                  compute_dtype="float32")
+
+
+def _forward(model, ctx=None):
+    graphdef, params = nnx.split(model)
+    return jax.jit(lambda p, t: nnx.merge(graphdef, p)(t, ctx=ctx))
+
+
+def _tokens(b=2, t=16, seed=0):
+    return jax.random.randint(jax.random.key(seed), (b, t), 0, CFG.vocab_size)
+
+
+def test_rate_zero_is_the_dense_model():
+    tokens = _tokens()
+    dense, _ = build_model(CFG, seed=1)(tokens)
+    mod0, stats = build_model(CFG, seed=1, mod=ModConfig(rate=0.0))(tokens)
+    np.testing.assert_array_equal(dense, mod0)
+    assert float(stats["skip_rate"].max()) == 0.0
+
+
+def test_kept_tokens():
+    assert kept_tokens(128, 0.25) == 96 and kept_tokens(10, 0.25) == 8 and kept_tokens(4, 0.99) == 1
+
+
+@pytest.fixture
+def block_and_state():
+    block = NagResidual(CFG, 1, rngs=nnx.Rngs(3))
+    emb = jax.random.normal(jax.random.key(4), (2, 12, CFG.d_model))
+    state = NagStream(CFG, rngs=nnx.Rngs(0)).encode(emb)
+    positions = jnp.broadcast_to(jnp.arange(12), (2, 12))
+    return block, state, positions
+
+
+def _kept_mask(stats):
+    return np.asarray(stats["skip_by_position"]) == 0  # batch-mean; used with identical rows only
+
+
+def _topk_rows(block, state, slot, rate):
+    m = block.gate_params(slot)
+    from pallas_kernels.nag_update.reference import modulator
+    alpha, beta, w, b, lg = m
+    gate = modulator(state["direction"], w, b, lg, beta)
+    k = kept_tokens(gate.shape[1], rate)
+    return np.sort(np.asarray(jax.lax.top_k(gate, k)[1]), axis=-1)
+
+
+def test_gathered_mlp_equals_dense_on_kept_tokens(block_and_state):
+    block, state, positions = block_and_state
+    mlp = lambda x, p, **kw: jnp.tanh(x * 3.0) + 0.1  # token-wise, like the MLP
+    mod = ModConfig(rate=0.5)
+    dense, _ = block(state, mlp, positions, MLP, 1, StepContext())
+    gathered, stats = block(state, mlp, positions, MLP, 1, StepContext(mod=mod))
+    idx = _topk_rows(block, state, MLP, 0.5)
+    assert float(stats["skip_rate"]) == 0.5
+    for b in range(2):
+        kept = np.zeros(12, bool)
+        kept[idx[b]] = True
+        np.testing.assert_allclose(gathered["direction"][b, kept], dense["direction"][b, kept], rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(gathered["log_norm"][b, kept], dense["log_norm"][b, kept], rtol=1e-6)
+        # skipped tokens pass unchanged in both lanes
+        np.testing.assert_array_equal(gathered["direction"][b, ~kept], state["direction"][b, ~kept])
+        np.testing.assert_array_equal(gathered["log_norm"][b, ~kept], state["log_norm"][b, ~kept])
+
+
+@pytest.mark.parametrize("kv", ["all", "kept"])
+def test_gathered_attention_matches_reference_semantics(block_and_state, kv):
+    from nagjax.model.layers import Attention
+
+    block, state, positions = block_and_state
+    attn = Attention(CFG, rngs=nnx.Rngs(5))
+    mod = ModConfig(rate=0.5, kv=kv)
+    gathered, _ = block(state, attn, positions, ATTENTION, 1, StepContext(mod=mod))
+    idx = _topk_rows(block, state, ATTENTION, 0.5)
+    for b in range(2):
+        sub = {k: v[b:b + 1, idx[b]] for k, v in state.items()}
+        if kv == "all":  # kept queries attend to every earlier token: the dense result on those rows
+            ref, _ = block(state, attn, positions, ATTENTION, 1, StepContext())
+            ref_rows = ref["direction"][b, idx[b]]
+        else:  # skipped tokens give no K/V: exactly the model run on the kept subsequence alone
+            ref, _ = block(sub, attn, positions[b:b + 1, idx[b]], ATTENTION, 1, StepContext())
+            ref_rows = ref["direction"][0]
+        np.testing.assert_allclose(gathered["direction"][b, idx[b]], ref_rows, rtol=1e-5, atol=1e-5)
+
+
+def test_gradients_reach_the_modulator_under_topk():
+    model = build_model(CFG, seed=2, mod=ModConfig(rate=0.5, exempt_first_blocks=1))
+    graphdef, params = nnx.split(model, nnx.Param)
+    tokens = _tokens()
+
+    def loss(p):
+        logits, _ = nnx.merge(graphdef, p)(tokens)
+        return -jnp.mean(jax.nn.log_softmax(logits)[..., 1])
+
+    g = jax.grad(loss)(params)["blocks"]["residual"]
+    for name in ("mod_w", "mod_b", "mod_logits", "beta_raw", "alpha"):
+        per_block = np.abs(np.asarray(g[name][...])).reshape(CFG.depth, -1).max(axis=1)
+        assert np.all(np.isfinite(per_block)) and np.all(per_block[1:] > 0), name
+
+
+@pytest.mark.parametrize("kv", ["kept", "all"])
+def test_threshold_path_runs_the_same_tokens_as_topk(kv):
+    """Set tau per sublayer between the k-th and (k+1)-th largest m of one sequence: the causal
+    threshold rule then executes exactly the top-k tokens at every sublayer."""
+    mod = ModConfig(rate=0.25, kv=kv, exempt_first_blocks=1)
+    model = build_model(CFG, seed=4, mod=mod)
+    tokens = _tokens(b=1, t=24, seed=5)
+    _, topk = model(tokens)
+    gate = np.asarray(topk["gate_by_position"])  # [depth, 2, t]
+    k = kept_tokens(24, mod.rate)
+    ordered = -np.sort(-gate, axis=-1)
+    tau = (ordered[..., k - 1] + ordered[..., k]) / 2
+    ctx = StepContext(mod_mode="threshold", mod_tau=jnp.asarray(tau))
+    _, thr = model(tokens, ctx=ctx)
+    np.testing.assert_array_equal(np.asarray(thr["skip_by_position"]), np.asarray(topk["skip_by_position"]))
+    np.testing.assert_allclose(np.asarray(thr["gate_by_position"]), gate, rtol=1e-4, atol=1e-5)
+    assert float(np.asarray(thr["skip_rate"])[1:].mean()) == pytest.approx((24 - k) / 24)
+
+
+def test_flops_count_only_executed_work():
+    cfg = dataclasses.replace(CFG, depth=4, vocab_size=1000)
+    t = 128
+    dense = flops.forward_breakdown(cfg, t)
+    half = flops.forward_breakdown(cfg, t, mod=ModConfig(rate=0.5, exempt_first_blocks=0, kv="kept"))
+    assert half.mlp == pytest.approx(dense.mlp / 2)
+    assert half.attention_matmuls == pytest.approx(dense.attention_matmuls / 2)
+    assert half.attention_scores == pytest.approx(dense.attention_scores / 4)
+    allkv = flops.forward_breakdown(cfg, t, mod=ModConfig(rate=0.5, exempt_first_blocks=0, kv="all"))
+    assert allkv.attention_scores == pytest.approx(dense.attention_scores / 2)
+    assert allkv.attention_matmuls > half.attention_matmuls
+    # the modulator runs on every token; gather/scatter/top-k are counted on top
+    mod_only = 2 * cfg.depth * flops.modulator_flops(cfg)
+    assert half.residual > mod_only and half.residual < dense.residual
+    assert half.head == dense.head
+    exempt = flops.forward_breakdown(cfg, t, mod=ModConfig(rate=0.5, exempt_first_blocks=1))
+    assert exempt.mlp == pytest.approx(dense.mlp * (1 + 3 * 0.5) / 4)
+    measured = flops.forward_breakdown(cfg, t, executed=np.full((4, 2), 0.5))
+    assert measured.mlp == pytest.approx(dense.mlp / 2)
