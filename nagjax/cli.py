@@ -15,7 +15,9 @@ DEFAULT_EXPERIMENT = "quickstart"
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--experiment", "-e", default=DEFAULT_EXPERIMENT, help="registered experiment name")
+    p.add_argument("--experiment", "-e", default=None,
+                   help=f"registered experiment name (default: {DEFAULT_EXPERIMENT}; `train` on a workdir "
+                        "that holds a checkpoint and no --experiment continues the saved config)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", dest="overrides",
                    help="config overrides, e.g. model.depth=24 model.residual=lns train.steps=200")
     p.add_argument("--experiments-dir", action="append", default=[], metavar="PATH",
@@ -27,11 +29,31 @@ def _config(args):
     from nagjax.registry import get_experiment, load_experiments
 
     load_experiments(args.experiments_dir)
-    return apply_overrides(get_experiment(args.experiment), args.overrides)
+    return apply_overrides(get_experiment(args.experiment or DEFAULT_EXPERIMENT), args.overrides)
+
+
+def _saved_run_config(args):
+    """The config saved in `--workdir`'s latest checkpoint (plus --set overrides) when no
+    --experiment is given: how a pruned workdir (`nagjax prune`) or any run is continued."""
+    if args.experiment is not None or not args.workdir:
+        return None
+    from nagjax.config import apply_overrides, config_from_dict
+    from nagjax.train.checkpoint import CheckpointStore
+
+    directory = Path(args.workdir) / "checkpoints"
+    if not directory.is_dir():
+        return None
+    store = CheckpointStore(directory, read_only=True)
+    try:
+        if store.latest_step() is None:
+            return None
+        return apply_overrides(config_from_dict(store.restore_config()), args.overrides)
+    finally:
+        store.close()
 
 
 def cmd_train(args) -> int:
-    config = _config(args)
+    config = _saved_run_config(args) or _config(args)
     workdir = Path(args.workdir or Path("runs") / config.name)
     from nagjax.train.trainer import train
 
@@ -43,6 +65,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    if args.mod_sweep:
+        return _mod_sweep(args)
     from nagjax.train.trainer import evaluate_workdir
 
     out = evaluate_workdir(args.workdir, eval_batches=args.batches)
@@ -73,6 +97,118 @@ def cmd_data(args) -> int:
     return 0
 
 
+def cmd_compile(args) -> int:
+    from nagjax.compile import compile_report
+
+    print(compile_report(_config(args), args.topology), flush=True)
+    return 0
+
+
+def _mod_sweep(args) -> int:
+    from nagjax.analysis.diagnostics import load_run, validation_batches
+    from nagjax.analysis.mod_sweep import mod_sweep, write_outputs
+
+    run = load_run(args.workdir)
+    batches = validation_batches(run.config, args.batches or run.config.train.eval_batches)
+    rates = tuple(float(r) for r in args.rates.split(","))
+    result = mod_sweep(run, batches, rates=rates)
+    out_dir = Path(args.out or Path(args.workdir) / "mod_sweep")
+    write_outputs(result, out_dir)
+    print((out_dir / "mod_sweep.md").read_text())
+    print(f"table, JSON, mod_sweep.png and skip_heatmap.png in {out_dir}")
+    return 0
+
+
+def cmd_sample(args) -> int:
+    import numpy as np
+
+    from nagjax.analysis.diagnostics import load_run, validation_batches
+    from nagjax.data.shards import open_split
+    from nagjax.infer.sample import generate
+
+    run = load_run(args.workdir)
+    cfg = run.config
+    tokenizer = open_split(cfg.data, "train").tokenizer
+    thresholds, source = None, "dense"
+    if cfg.model.residual == "nag" and not args.dense:
+        if args.mod_rate is not None:
+            from nagjax.analysis.mod_sweep import calibration_fn
+
+            batches = validation_batches(cfg, cfg.train.eval_batches)
+            q = np.mean([np.asarray(calibration_fn(run.graphdef, cfg.mod, (args.mod_rate,))(run.params, b))
+                         for b in batches], axis=0)
+            thresholds, source = q[..., 0], f"calibrated for r={args.mod_rate:g} on validation data"
+        elif cfg.mod.rate > 0:
+            thresholds, source = np.asarray(run.state["aux"]["mod_tau"]), f"trained (r={cfg.mod.rate:g})"
+    elif args.mod_rate is not None:
+        print("nagjax: note: --mod-rate needs a NAG model; sampling densely", file=sys.stderr)
+    sample = generate(run, tokenizer, args.prompt, max_new_tokens=args.max_tokens,
+                      temperature=args.temperature, top_k=args.top_k, seed=args.seed, thresholds=thresholds)
+    print(args.prompt + sample.text)
+    print(f"\n[nagjax] step {run.step}, thresholds: {source}; realised skip rate {sample.skip_rate:.3f} "
+          f"over {len(sample.tokens) - 1} tokens x {2 * cfg.model.depth} sublayers", file=sys.stderr)
+    if thresholds is not None:
+        per = " ".join(f"{a:.2f}/{m:.2f}" for a, m in sample.skip_rate_by_sublayer)
+        print(f"[nagjax] per block (attn/mlp): {per}", file=sys.stderr)
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from nagjax.registry import get_sweep, load_experiments
+    from nagjax.sweep import run_sweep
+
+    load_experiments(args.experiments_dir)
+    sweep = get_sweep(args.sweep)
+    workdir = Path(args.workdir or Path("runs") / "sweeps" / args.sweep)
+    run_sweep(sweep, workdir, tuple(args.overrides))
+    print((workdir / "results.md").read_text())
+    print(f"plots and results.json in {workdir}")
+    return 0
+
+
+def cmd_prune(args) -> int:
+    from nagjax.analysis import pruning
+
+    if args.report:
+        steps = tuple(args.steps) if args.steps else None
+        report = pruning.prune_report(args.workdir, eval_batches=args.batches, steps=steps,
+                                      compare_workdir=args.compare)
+        print(json.dumps(report, indent=1) if args.json else pruning.format_report(report))
+        return 0
+    if args.blocks is None or args.method is None:
+        from nagjax.config import ConfigError
+
+        raise ConfigError("prune: pass --blocks K and --method METHOD, or --report")
+    report = pruning.prune_workdir(args.workdir, args.blocks, args.method, out=args.out,
+                                   heal_steps=args.heal_steps, eval_batches=args.batches)
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        print(f"dropped blocks {report['dropped_blocks']} by {args.method}; validation loss "
+              f"{report['loss_before']:.4f} -> {report['loss_after']:.4f}"
+              + (f" -> {report['loss_after_heal']:.4f} after {args.heal_steps} healing steps"
+                 if args.heal_steps else "")
+              + f"\npruned checkpoint: {report['pruned']} (nagjax eval/train --workdir accept it)")
+    return 0
+
+
+def cmd_analyze(args) -> int:
+    from nagjax.analysis.plots import analyze
+
+    workdirs = [args.workdir, *args.compare]
+    out = Path(args.out or Path(args.workdir) / "analysis")
+    result = analyze(workdirs, out, eval_batches=args.batches, skip_losses=not args.no_skip)
+    for run in result["runs"]:
+        blocks = run["blocks"]
+        print(f"{run['workdir']} ({run['residual']}, step {run['step']}): loss {run['loss']:.4f}; final "
+              f"stream RMS {run['sublayers']['stream_rms'][-1][-1]:.3g}")
+        if "skip_loss_increase" in blocks:
+            print("  loss increase when skipping each block: "
+                  + ", ".join(f"{v:+.4f}" for v in blocks["skip_loss_increase"]))
+    print(f"wrote {result['json']} and {len(result['images'])} plots in {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nagjax", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -86,7 +222,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", "-w", required=True)
     p.add_argument("--batches", type=int, default=None, help="validation batches (default: the run's)")
     p.add_argument("--json", action="store_true", help="print a JSON object")
+    p.add_argument("--mod-sweep", action="store_true",
+                   help="NAG: evaluate at a range of Mixture-of-Depths skip rates (causal thresholds)")
+    p.add_argument("--rates", default="0,0.1,0.2,0.3,0.4,0.5,0.6", help="target skip rates for --mod-sweep")
+    p.add_argument("--out", default=None, help="output folder for --mod-sweep (default: WORKDIR/mod_sweep)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("sample", help="generate text from a trained workdir (KV cache, MoD thresholds)")
+    p.add_argument("--workdir", "-w", required=True)
+    p.add_argument("--prompt", "-p", required=True)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=40)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mod-rate", type=float, default=None,
+                   help="NAG: skip rate to calibrate thresholds for (default: the trained thresholds)")
+    p.add_argument("--dense", action="store_true", help="NAG: run every sublayer")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("sweep", help="train an iso-FLOP sweep (resumable) and write tables and plots")
+    p.add_argument("--sweep", "-s", required=True, help="registered sweep name (`nagjax list`)")
+    p.add_argument("--workdir", "-w", default=None, help="sweep folder (default: runs/sweeps/<sweep>)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="overrides applied to every variant")
+    p.add_argument("--experiments-dir", action="append", default=[], metavar="PATH")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("prune", help="CascadeFlow pruning: drop the least important blocks into a new "
+                       "workdir, or --report each method's ranking and rank stability")
+    p.add_argument("--workdir", "-w", required=True)
+    p.add_argument("--blocks", "-k", type=int, default=None, help="number of blocks to remove")
+    p.add_argument("--method", "-m", default=None,
+                   choices=("cascadeflow", "block-influence", "angular", "magnitude"))
+    p.add_argument("--heal-steps", type=int, default=0, help="train the pruned model this many steps")
+    p.add_argument("--out", default=None, help="pruned workdir (default: WORKDIR-pruned-K-METHOD)")
+    p.add_argument("--report", action="store_true", help="print rankings, single-block losses, stability")
+    p.add_argument("--steps", type=int, nargs=2, default=None, metavar=("OLD", "NEW"),
+                   help="--report: the two checkpoints to compare (default: the two latest)")
+    p.add_argument("--compare", default=None, help="--report: compare with another workdir (e.g. seed)")
+    p.add_argument("--batches", type=int, default=None, help="validation batches (default: the run's)")
+    p.add_argument("--json", action="store_true", help="print a JSON object")
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("analyze", help="depth microscope: per-layer plots (PNG) and JSON of one or more runs")
+    p.add_argument("--workdir", "-w", required=True)
+    p.add_argument("--compare", nargs="*", default=[], metavar="DIR", help="runs to overlay on the same plots")
+    p.add_argument("--out", "-o", default=None, help="output folder (default: WORKDIR/analysis)")
+    p.add_argument("--batches", type=int, default=None, help="validation batches (default: min(run's, 8))")
+    p.add_argument("--no-skip", action="store_true", help="skip the per-block skip-loss evaluations")
+    p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("list", help="list registered experiments")
     p.add_argument("--experiments-dir", action="append", default=[], metavar="PATH")
@@ -100,6 +284,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, default=0.01, help="share of the text held out for validation")
     p.add_argument("--text-field", default="text", help="JSONL field that holds the text")
     p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("compile", help="compile the train step for a target topology (no hardware needed); "
+                       "print per-device memory and every parameter's sharding")
+    _add_config_args(p)
+    p.add_argument("--topology", "-t", default="local",
+                   help="TPU slice (v5p-64, v5e-16, or v5p:2x4x4; needs libtpu) or 'local' (this machine's devices)")
+    p.set_defaults(func=cmd_compile)
     return parser
 
 

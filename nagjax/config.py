@@ -16,7 +16,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-RESIDUAL_SCHEMES = ("prenorm", "lns", "nag")
+RESIDUAL_SCHEMES = ("prenorm", "lns", "nag", "attnres")
 
 
 class ConfigError(ValueError):
@@ -50,10 +50,24 @@ class NagConfig:
 
 
 @dataclass(frozen=True)
+class AttnResConfig:
+    """Attention Residuals (SPEC 4): depth-wise softmax over earlier sublayer outputs."""
+
+    block_size: int = 1  # sublayers per source block (counts sublayers, not Transformer blocks); 1 = Full
+
+    def validate(self, prefix: str = "model.attnres") -> None:
+        _check(self.block_size >= 1, f"{prefix}.block_size", "must be >= 1 (1 = Full AttnRes)")
+
+
+def _int_list(text: str) -> list[int]:
+    return [int(v) for v in text.replace(" ", "").split(",") if v]
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """Decoder shape and residual scheme (SPEC 0). Sizes of 0 are derived (see `resolved`)."""
 
-    residual: Literal["prenorm", "lns", "nag"] = "prenorm"
+    residual: Literal["prenorm", "lns", "nag", "attnres"] = "prenorm"
     vocab_size: int = 0  # 0: take it from the tokeniser
     d_model: int = 256
     depth: int = 4  # Transformer blocks; each has an attention and an MLP sublayer
@@ -69,6 +83,23 @@ class ModelConfig:
     scan_unroll: int = 1  # lax.scan unroll factor over blocks (depth = fully unrolled)
     attention: Literal["auto", "xla", "cudnn"] = "auto"
     nag: NagConfig = field(default_factory=NagConfig)
+    attnres: AttnResConfig = field(default_factory=AttnResConfig)
+    # CascadeFormer taper (SPEC 5, nagjax/model/taper.py): per-block MLP widths; "custom" reads
+    # `taper_widths`. Widths are rounded to `taper_multiple` (0: 128, or 8 when d_ff < 1024) and
+    # matched to the uniform model's MLP parameters (= MLP FLOPs); `taper_stages` > 0 makes the
+    # schedule piecewise constant over that many scanned stages (compile time ~ stages).
+    taper: Literal["none", "linear", "power", "custom"] = "none"
+    taper_gamma: float = 2.0  # power: width_i ~ (L - i) ** gamma
+    taper_multiple: int = 0
+    taper_stages: int = 0  # 0: one stage per run of equal rounded widths
+    taper_widths: str = ""  # custom: comma-separated MLP width per block
+    # Original index of each block, comma-separated ("" = 0..depth-1). `nagjax prune` sets it so a
+    # pruned model keeps each block's index-dependent behaviour (LNS factor, AttnRes source slots).
+    block_ids: str = ""
+
+    @property
+    def block_index_list(self) -> list[int]:
+        return _int_list(self.block_ids) if self.block_ids else list(range(self.depth))
 
     @property
     def head_dim(self) -> int:
@@ -110,6 +141,40 @@ class ModelConfig:
         _check(self.init_std > 0, f"{prefix}.init_std", "must be > 0")
         _check(self.scan_unroll >= 1, f"{prefix}.scan_unroll", "must be >= 1")
         self.nag.validate(f"{prefix}.nag")
+        self.attnres.validate(f"{prefix}.attnres")
+        _check(self.taper_gamma > 0, f"{prefix}.taper_gamma", "must be > 0")
+        _check(self.taper_multiple >= 0, f"{prefix}.taper_multiple", "must be >= 0 (0 = auto)")
+        _check(self.taper_stages >= 0, f"{prefix}.taper_stages", "must be >= 0 (0 = per distinct width)")
+        try:
+            widths, ids = _int_list(self.taper_widths), self.block_index_list
+        except ValueError:
+            raise ConfigError(f"{prefix}.taper_widths/block_ids: expected comma-separated ints") from None
+        if self.taper == "custom":
+            _check(len(widths) == self.depth and min(widths) >= 1, f"{prefix}.taper_widths",
+                   f"taper=custom needs {self.depth} positive comma-separated widths (got {self.taper_widths!r})")
+        _check(len(ids) == self.depth and len(set(ids)) == len(ids) and ids == sorted(ids) and ids[0] >= 0,
+               f"{prefix}.block_ids", f"must be {self.depth} increasing block indices >= 0 (got {self.block_ids!r})")
+
+
+@dataclass(frozen=True)
+class ModConfig:
+    """Mixture-of-Depths on NAG (SPEC 2): per-token skipping of sublayers by the modulator m.
+
+    Training keeps, per sequence and per sublayer, the top k = ceil((1 - rate) * T) tokens by m and
+    runs the sublayer on those only (gather/scatter, static shapes); inference executes a token iff
+    m >= tau, with tau calibrated during training (EMA of the batch's rate-quantile of m).
+    """
+
+    rate: float = 0.0  # fraction of tokens that skip each eligible sublayer; 0 = dense
+    sublayers: Literal["both", "attention", "mlp"] = "both"
+    exempt_first_blocks: int = 1  # the first blocks never skip (default: all but the first block)
+    kv: Literal["kept", "all"] = "kept"  # kept: a token that skips attention gives no K/V there
+    threshold_ema: float = 0.99  # EMA decay of the calibrated inference thresholds
+
+    def validate(self, prefix: str = "mod") -> None:
+        _check(0.0 <= self.rate < 1.0, f"{prefix}.rate", "must be in [0, 1)")
+        _check(self.exempt_first_blocks >= 0, f"{prefix}.exempt_first_blocks", "must be >= 0")
+        _check(0.0 <= self.threshold_ema < 1.0, f"{prefix}.threshold_ema", "must be in [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -186,13 +251,21 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class MeshConfig:
-    """Device mesh axis sizes; their product must equal the device count (-1 = the rest)."""
+    """Device mesh axis sizes (see nagjax/sharding.py).
+
+    dcn_data * data * fsdp * tensor must equal the device count; one of data/fsdp/tensor may be -1
+    (the rest). `dcn_data` is data parallelism across TPU slices (or hosts) over the data-centre
+    network; `data` replicates parameters; `fsdp` shards parameters and optimiser state; `tensor`
+    splits attention heads and MLP width.
+    """
 
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
+    dcn_data: int = 1
 
     def validate(self, prefix: str = "mesh") -> None:
+        _check(self.dcn_data >= 1, f"{prefix}.dcn_data", "must be >= 1 (slices or hosts)")
         sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
         for name, size in sizes.items():
             _check(size == -1 or size >= 1, f"{prefix}.{name}", "must be >= 1 or -1 (the rest)")
@@ -214,9 +287,16 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
+    mod: ModConfig = field(default_factory=ModConfig)
 
     def validate(self) -> "Config":
         self.model.validate()
+        self.mod.validate()
+        if self.mod.rate > 0 and self.model.residual != "nag":
+            raise ConfigError(
+                f"mod.rate={self.mod.rate}: Mixture-of-Depths needs the NAG modulator; "
+                f"set model.residual=nag (got {self.model.residual!r}) or mod.rate=0"
+            )
         self.data.validate()
         self.optim.validate()
         self.train.validate()

@@ -153,3 +153,34 @@ def test_flops_count_only_executed_work():
     assert exempt.mlp == pytest.approx(dense.mlp * (1 + 3 * 0.5) / 4)
     measured = flops.forward_breakdown(cfg, t, executed=np.full((4, 2), 0.5))
     assert measured.mlp == pytest.approx(dense.mlp / 2)
+
+
+@pytest.mark.parametrize("residual, threshold", [("prenorm", False), ("nag", False), ("nag", True)])
+def test_kv_cache_decoding_matches_the_full_forward(residual, threshold):
+    from nagjax.infer.sample import init_cache, make_decode_step
+
+    cfg = dataclasses.replace(CFG, residual=residual)
+    mod = ModConfig(rate=0.0, kv="kept", exempt_first_blocks=1)
+    model = build_model(cfg, seed=6, mod=mod)
+    graphdef, params = nnx.split(model)
+    tokens = _tokens(b=1, t=10, seed=7)
+    if threshold:  # a tau that skips some tokens in every eligible sublayer
+        _, stats = model(tokens, ctx=StepContext(mod=mod, mod_mode="threshold",
+                                                 mod_tau=jnp.full((cfg.depth, 2), -jnp.inf),
+                                                 quantile_rates=(0.4,)))
+        tau = stats["gate_quantiles"][..., 0]
+        ctx = StepContext(mod_mode="threshold", mod_tau=tau)
+    else:
+        tau, ctx = jnp.zeros((cfg.depth, 2)), None
+    full, full_stats = model(tokens, ctx=ctx)
+    step = make_decode_step(graphdef, threshold)
+    cache = init_cache(cfg, 1, 10, jnp.float32)
+    skips = []
+    for pos in range(10):
+        logits, cache, skip = step(params, cache, tokens[:, pos], pos, tau)
+        np.testing.assert_allclose(logits[0], full[0, pos], rtol=2e-4, atol=2e-5)
+        skips.append(np.asarray(skip))
+    if threshold:
+        executed_full = np.asarray(full_stats["skip_by_position"])  # [depth, 2, t]
+        np.testing.assert_array_equal(np.stack(skips, axis=-1), executed_full)
+        assert 0 < executed_full[1:].mean() < 1

@@ -105,6 +105,28 @@ class Attention(nnx.Module):
         return jnp.einsum("btnh,nhd->btd", out, self.wo[...].astype(dtype))
 
 
+    def decode(self, x_b1d, positions_b1, cache, write_b):
+        """One token against a KV cache {"k", "v": [b, T, kv, hd], "valid": [b, T]}.
+
+        The token's K/V are written at its position only where `write_b` (a token that skips
+        attention under MoD with kv="kept" gives no K/V); it attends to valid earlier entries.
+        """
+        dtype = x_b1d.dtype
+        pos = positions_b1[0, 0]
+        q = rope(jnp.einsum("btd,dnh->btnh", x_b1d, self.wq[...].astype(dtype)), positions_b1, self.cfg.rope_theta)
+        k = rope(jnp.einsum("btd,dnh->btnh", x_b1d, self.wk[...].astype(dtype)), positions_b1, self.cfg.rope_theta)
+        v = jnp.einsum("btd,dnh->btnh", x_b1d, self.wv[...].astype(dtype))
+        w = write_b[:, None, None]
+        k_cache = cache["k"].at[:, pos].set(jnp.where(w, k[:, 0], cache["k"][:, pos]))
+        v_cache = cache["v"].at[:, pos].set(jnp.where(w, v[:, 0], cache["v"][:, pos]))
+        valid = cache["valid"].at[:, pos].set(write_b)
+        mask = valid & (jnp.arange(valid.shape[1]) <= pos)[None, :]
+        out = jax.nn.dot_product_attention(q, k_cache.astype(dtype), v_cache.astype(dtype),
+                                           mask=mask[:, None, None, :])
+        out = jnp.einsum("btnh,nhd->btd", out, self.wo[...].astype(dtype))
+        return out, {"k": k_cache, "v": v_cache, "valid": valid}
+
+
 class SwiGLU(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         d, f = cfg.d_model, cfg.mlp_width

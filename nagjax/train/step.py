@@ -85,7 +85,7 @@ def make_steps(graphdef: nnx.GraphDef, cfg: ModelConfig, optimizer: optax.Gradie
             aux = update_thresholds(aux, stats.pop("gate_quantiles")[..., 0], mod.threshold_ema)
         metrics = {
             "loss": loss,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "lr": lr_fn(step),
             "layers": stats,  # each [depth, 2] (attention, MLP)
             "block_grad_norm": block_norms,

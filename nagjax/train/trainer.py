@@ -35,7 +35,7 @@ from nagjax.train.step import Steps, init_aux, make_steps
 # Keys that may change when a run is resumed (they do not change what the model computes).
 RESUMABLE_KEYS = ("name", "description", "train.steps", "train.eval_every", "train.eval_batches",
                   "train.checkpoint_every", "train.keep_checkpoints", "train.log_every",
-                  "train.progress_bar", "mesh.data", "mesh.fsdp", "mesh.tensor")
+                  "train.progress_bar", "mesh.data", "mesh.fsdp", "mesh.tensor", "mesh.dcn_data")
 
 
 @dataclass
@@ -146,40 +146,43 @@ class Trainer:
             requested = check_resume_compatible(saved, requested, self.workdir)
         self.config = requested
         self.resume_step = resume_step
-        _write_json(self.workdir / "config.json", self.config.to_dict())
-        _write_json(self.workdir / "run_info.json", run_info())
+        if jax.process_index() == 0:  # one writer on a shared filesystem
+            _write_json(self.workdir / "config.json", self.config.to_dict())
+            _write_json(self.workdir / "run_info.json", run_info())
 
         cfg = self.config
         self.mesh = sharding.make_mesh(cfg.mesh)
         # Shapes first (nothing allocated), then one jit-compiled init straight into the shardings;
         # a resumed run never initialises, it restores into the abstract state.
         self.graphdef, abstract_params = nnx.split(
-            nnx.eval_shape(lambda: build_model(cfg.model, seed=cfg.train.seed)), nnx.Param
+            nnx.eval_shape(lambda: build_model(cfg.model, seed=cfg.train.seed, mod=cfg.mod)), nnx.Param
         )
         self.n_params = sum(x.size for x in jax.tree.leaves(abstract_params))
         self.optimizer = optim.make_optimizer(cfg.optim, cfg.train.steps, abstract_params)
         self.lr_fn = optim.schedule(cfg.optim, cfg.train.steps)
-        self.steps: Steps = make_steps(self.graphdef, cfg.model, self.optimizer, self.lr_fn)
-        shardings = sharding.param_sharding(self.mesh, abstract_params)
+        self.steps: Steps = make_steps(self.graphdef, cfg.model, self.optimizer, self.lr_fn, mod=cfg.mod)
 
         def init_state():
-            params = nnx.split(build_model(cfg.model, seed=cfg.train.seed), nnx.Param)[1]
+            params = nnx.split(build_model(cfg.model, seed=cfg.train.seed, mod=cfg.mod), nnx.Param)[1]
             return {"params": params, "opt_state": self.optimizer.init(params), "aux": init_aux(cfg.model)}
 
         self.data = pipeline.train_iterator(
             cfg.data, process_index=jax.process_index(), process_count=jax.process_count()
         )
+        # Shardings of the whole state from the logical-axis rules (params and optimiser moments
+        # sharded alike, the rest replicated); the steps keep them fixed (sharding.shard_steps).
+        abstract_state = jax.eval_shape(init_state)
+        self.state_shardings = sharding.state_shardings(self.mesh, abstract_state)
+        self.steps = sharding.shard_steps(self.steps, self.mesh, self.state_shardings)
         if resume_step is None:
-            self.state = jax.jit(init_state)()
-            self.state["params"] = jax.device_put(self.state["params"], shardings)
-        else:
-            abstract = abstract_like(jax.eval_shape(init_state), sharding.replicated(self.mesh))
-            abstract["params"] = abstract_like(abstract["params"], shardings)
+            self.state = jax.jit(init_state, out_shardings=self.state_shardings)()
+        else:  # Orbax reads each array straight into its (possibly different) mesh and sharding
+            abstract = abstract_like(abstract_state, self.state_shardings)
             restored, data_state, _ = self.store.restore(abstract, resume_step)
             self.state = restored
             self.data.set_state(data_state)
         self.step = resume_step or 0  # the checkpoint's step is its number; state holds no step
-        self.flops_per_token = flops.train_flops_per_token(cfg.model, cfg.data.seq_len)
+        self.flops_per_token = flops.train_flops_per_token(cfg.model, cfg.data.seq_len, mod=cfg.mod)
         self._eval_batches = None
 
     # --- evaluation -------------------------------------------------------------------------
@@ -216,6 +219,10 @@ class Trainer:
             print(f"[nagjax] {cfg.name}: {cfg.model.residual}, {cfg.model.depth} blocks, d={cfg.model.d_model}, "
                   f"{self.n_params / 1e6:.2f}M params, {self.flops_per_token / 1e6:.1f} MFLOP/token (train), "
                   f"{tc.steps} steps x {tokens_per_step} tokens -> {self.workdir}", flush=True)
+            if cfg.model.taper != "none":
+                from nagjax.model.taper import describe
+
+                print(describe(cfg.model), flush=True)
         else:
             print(f"[nagjax] resuming {self.workdir} at step {step}/{tc.steps}", flush=True)
         result = RunResult(self.workdir, step, None, None)
@@ -256,6 +263,9 @@ class Trainer:
                     bar.write(f"[nagjax] {stop.received}: saved checkpoint at step {step}; exiting")
                     result.interrupted = True
                     break
+        if result.val_loss is None and step >= tc.steps:  # resumed a finished run: still report
+            ev = self.evaluate()
+            result.val_loss, result.val_bpb = ev["loss"], ev["bpb"]
         bar.close()
         log.close()
         result.step = step

@@ -1,0 +1,173 @@
+"""Iso-FLOP sweeps (SPEC 6): every variant gets the same training compute.
+
+A sweep fixes a budget C in FLOPs; variant v trains on D_v = C / F_v tokens, where F_v is its
+training FLOPs per token as counted by `flops` (executed work only), so a Mixture-of-Depths
+variant that skips more depth trains on more tokens. Parameter count and KV budget stay fixed;
+each variant's learning-rate schedule spans its own step count.
+
+`run_sweep` trains the variants one after another under `workdir/<variant>`; a variant with a
+`result.json` is done and skipped, an unfinished one resumes from its checkpoint. At the end it
+writes `results.json`, `results.md` and PNG plots into `workdir`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nagjax import flops
+from nagjax.config import Config, apply_overrides
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    overrides: tuple[str, ...] = ()  # dotted key=value, applied to the sweep's base config
+
+
+@dataclass(frozen=True)
+class IsoFlopSweep:
+    base: Config
+    budget_flops: float
+    variants: tuple[Variant, ...]
+    evals_per_run: int = 5  # evaluation points along each run (for the loss-vs-FLOPs curves)
+    description: str = ""
+
+
+@dataclass
+class PlannedRun:
+    variant: Variant
+    config: Config
+    flops_per_token: float
+    tokens_per_step: int
+    steps: int
+
+    @property
+    def tokens(self) -> int:
+        return self.steps * self.tokens_per_step
+
+    @property
+    def total_flops(self) -> float:
+        return self.tokens * self.flops_per_token
+
+
+def plan(sweep: IsoFlopSweep, overrides: tuple[str, ...] = (), resolve=None) -> list[PlannedRun]:
+    """Each variant's config with `train.steps` set so that steps x tokens/step x F = budget
+    (rounded to the nearest step). `resolve` fills derived fields (the tokeniser's vocabulary)."""
+    if resolve is None:
+        from nagjax.train.trainer import resolve
+    runs = []
+    for variant in sweep.variants:
+        cfg = apply_overrides(sweep.base, [*variant.overrides, *overrides])
+        cfg = resolve(cfg.replace(name=variant.name))
+        per_token = flops.train_flops_per_token(cfg.model, cfg.data.seq_len, mod=cfg.mod)
+        tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+        steps = max(1, round(flops.tokens_for_budget(sweep.budget_flops, per_token) / tokens_per_step))
+        every = max(1, math.ceil(steps / sweep.evals_per_run))
+        train = dataclasses.replace(cfg.train, steps=steps, eval_every=every, checkpoint_every=every)
+        runs.append(PlannedRun(variant, cfg.replace(train=train), per_token, tokens_per_step, steps))
+    return runs
+
+
+def _eval_curve(workdir: Path) -> list[tuple[int, float]]:
+    from nagjax.train.logging import read_metrics
+
+    records = read_metrics(workdir / "logs" / "metrics.jsonl")
+    return [(s, r["eval/loss"]) for s, r in sorted(records.items()) if "eval/loss" in r]
+
+
+def run_sweep(sweep: IsoFlopSweep, workdir: str | Path, overrides: tuple[str, ...] = ()) -> list[dict]:
+    from nagjax.train.trainer import train
+
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    runs = plan(sweep, overrides)
+    print(f"[sweep] budget {sweep.budget_flops:.3g} FLOPs, {len(runs)} variants -> {workdir}")
+    for run in runs:
+        print(f"[sweep]   {run.variant.name:<16} {run.flops_per_token / 1e6:9.2f} MFLOP/token  "
+              f"{run.steps:6d} steps  {run.tokens:,} tokens")
+    results = []
+    for run in runs:
+        vdir = workdir / run.variant.name
+        done = vdir / "result.json"
+        if done.exists():
+            print(f"[sweep] {run.variant.name}: done, skipping")
+            results.append(json.loads(done.read_text()))
+            continue
+        out = train(run.config, vdir)
+        if out.interrupted:
+            raise KeyboardInterrupt(f"sweep interrupted in {run.variant.name}; rerun to resume")
+        result = {
+            "variant": run.variant.name,
+            "residual": run.config.model.residual,
+            "mod_rate": run.config.mod.rate,
+            "steps": run.steps,
+            "tokens": run.tokens,
+            "flops_per_token": run.flops_per_token,
+            "total_flops": run.total_flops,
+            "val_loss": out.val_loss,
+            "val_bpb": out.val_bpb,
+            "curve": [(s, loss, s * run.tokens_per_step * run.flops_per_token) for s, loss in _eval_curve(vdir)],
+        }
+        tmp = done.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result, indent=2))
+        tmp.replace(done)
+        results.append(result)
+    write_report(sweep, results, workdir)
+    return results
+
+
+def write_report(sweep: IsoFlopSweep, results: list[dict], workdir: Path) -> None:
+    (workdir / "results.json").write_text(json.dumps(
+        {"budget_flops": sweep.budget_flops, "description": sweep.description, "variants": results}, indent=2))
+    lines = [
+        f"Iso-FLOP sweep: budget {sweep.budget_flops:.3g} training FLOPs per variant.",
+        "",
+        "| variant | residual | MoD rate | MFLOP/token | steps | tokens | val loss | bits/byte |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['variant']} | {r['residual']} | {r['mod_rate']:.3f} | {r['flops_per_token'] / 1e6:.2f} "
+            f"| {r['steps']} | {r['tokens']:,} | {r['val_loss']:.4f} | {r['val_bpb']:.4f} |"
+        )
+    (workdir / "results.md").write_text("\n".join(lines) + "\n")
+    _plot(results, workdir)
+
+
+def _plot(results: list[dict], workdir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    nag = sorted((r for r in results if r["residual"] == "nag"), key=lambda r: r["mod_rate"])
+    if nag:
+        ax.plot([r["mod_rate"] for r in nag], [r["val_loss"] for r in nag], "o-", label="NAG (+MoD)")
+    for r in results:
+        if r["residual"] != "nag":
+            ax.axhline(r["val_loss"], ls="--", color="gray", label=f"{r['variant']} ({r['residual']})")
+    ax.set_xlabel("MoD skip rate r")
+    ax.set_ylabel("final validation loss")
+    ax.set_title("Iso-FLOP: final loss vs skip rate")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(workdir / "loss_vs_rate.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for r in results:
+        if r["curve"]:
+            _, losses, spent = zip(*r["curve"])
+            ax.plot(spent, losses, "o-", label=r["variant"])
+    ax.set_xlabel("training FLOPs")
+    ax.set_ylabel("validation loss")
+    ax.set_title("Validation loss vs compute")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(workdir / "loss_vs_flops.png", dpi=120)
+    plt.close(fig)
