@@ -1,52 +1,233 @@
-"""Device mesh from the config and placement of parameters and batches.
+"""Device meshes, logical-axis sharding rules, and placement of state and batches.
 
-Today parameters are replicated and the batch is split over the (data, fsdp) axes; the logical-axis
-rules that shard parameters (FSDP, tensor parallelism) plug in at `param_sharding`.
+The mesh has four named axes, outermost first:
+
+  dcn     data parallelism across slices / hosts over the data-centre network (`mesh.dcn_data`)
+  data    data parallelism inside a slice (replicated parameters)
+  fsdp    data parallelism that also shards parameters and optimiser state (ZeRO-3 / FSDP)
+  tensor  tensor parallelism: attention heads and MLP width are split across it
+
+Every parameter carries `logical_axes` metadata (layers.py); parameters stacked by `nnx.vmap` get a
+leading "layers" axis. One table, `LOGICAL_RULES`, maps logical names to mesh axes; the sharding of
+every array in the training state (parameters, Adam moments, anything else replicated) and the key
+activations follows from it, so a new parameter needs nothing here unless it brings a new logical
+name (an unknown name is an error, never a silent replication). A dimension that does not divide by
+its mesh axes is replicated along that dimension (the golden tables in tests/golden/ record it).
+
+All mesh axes are `AxisType.Auto` (jax >= 0.10 defaults `jax.make_mesh` to Explicit): shardings are
+given at the jit boundary and XLA's SPMD partitioner propagates them, as `pjit` did.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from nagjax.config import ConfigError, MeshConfig
 
-MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
+MESH_AXES = ("dcn", "data", "fsdp", "tensor")
+BATCH_AXES = ("dcn", "data", "fsdp")
+
+# logical axis name -> mesh axes (a name, a tuple of names, or None = replicated)
+LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
+    # activations
+    "batch": BATCH_AXES,
+    "sequence": None,
+    "act_embed": None,  # the residual stream is replicated across `tensor` (Megatron style)
+    # parameters
+    "layers": None,  # the stacked block axis (scanned; every device holds every layer's shard)
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "head_dim": None,
+    "mlp": "tensor",
+    "sublayer": None,  # NAG: the two sublayer slots of a block
+    "modulator": None,  # NAG: modulator channels (small)
+}
 
 
-def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:
+# ---------------------------------------------------------------------------------------------
+# Meshes
+# ---------------------------------------------------------------------------------------------
+
+
+def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int, int, int]:
+    """(dcn, data, fsdp, tensor) sizes for `n_devices`, solving the one -1 axis."""
+    dcn = cfg.dcn_data
+    if n_devices % dcn:
+        raise ConfigError(f"mesh.dcn_data={dcn} does not divide the {n_devices} devices")
+    per_slice = n_devices // dcn
     sizes = [cfg.data, cfg.fsdp, cfg.tensor]
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
-        if n_devices % known:
-            raise ConfigError(f"mesh: fixed axes multiply to {known}, which does not divide {n_devices} devices")
-        sizes[sizes.index(-1)] = n_devices // known
-    if math.prod(sizes) != n_devices:
+        if per_slice % known:
+            raise ConfigError(
+                f"mesh: fixed axes multiply to {known}, which does not divide {per_slice} devices"
+                + (f" per slice ({n_devices} devices / mesh.dcn_data={dcn})" if dcn > 1 else "")
+            )
+        sizes[sizes.index(-1)] = per_slice // known
+    if math.prod(sizes) != per_slice:
         raise ConfigError(
-            f"mesh: data*fsdp*tensor = {math.prod(sizes)} but there are {n_devices} devices "
-            "(set one axis to -1 to take the rest)"
+            f"mesh: dcn_data*data*fsdp*tensor = {dcn * math.prod(sizes)} but there are {n_devices} "
+            "devices (set one of mesh.data/fsdp/tensor to -1 to take the rest)"
         )
-    return tuple(sizes)
+    return (dcn, *sizes)
 
 
-def make_mesh(cfg: MeshConfig, devices=None) -> jax.sharding.Mesh:
+def _auto(n: int) -> tuple:
+    return (jax.sharding.AxisType.Auto,) * n
+
+
+def make_mesh(cfg: MeshConfig, devices: Sequence | None = None) -> jax.sharding.Mesh:
+    """The (dcn, data, fsdp, tensor) mesh over `devices` (default: all devices of all processes).
+
+    With mesh.dcn_data > 1 the devices are grouped into that many granules (TPU slices, or hosts
+    when the devices have no slice index) and only the `dcn` axis crosses granules.
+    """
     devices = list(devices if devices is not None else jax.devices())
     shape = mesh_shape(cfg, len(devices))
-    auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)  # jit-inferred shardings, as pjit did
-    return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+    if shape[0] == 1:
+        return jax.make_mesh(shape, MESH_AXES, axis_types=_auto(4), devices=devices)
+    from jax.experimental import mesh_utils
+
+    by_slice = getattr(devices[0], "slice_index", None) is not None
+    array = mesh_utils.create_hybrid_device_mesh(
+        (1, *shape[1:]), (shape[0], 1, 1, 1), devices, process_is_granule=not by_slice
+    )
+    return jax.sharding.Mesh(array, MESH_AXES, axis_types=_auto(4))
+
+
+def axis_sizes(mesh) -> dict[str, int]:
+    """Mesh axis sizes of a `Mesh`, an `AbstractMesh`, or a plain {name: size} dict."""
+    return dict(mesh) if isinstance(mesh, Mapping) else dict(mesh.shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# Logical axes -> PartitionSpec
+# ---------------------------------------------------------------------------------------------
+
+
+def logical_to_spec(shape: Sequence[int], logical_axes: Sequence[str | None], mesh,
+                    rules: Mapping = LOGICAL_RULES) -> P:
+    """PartitionSpec of an array of `shape` whose dimensions have `logical_axes`.
+
+    Mesh axes absent from `mesh` or of size 1 are dropped; a dimension keeps the longest prefix of
+    its mesh axes whose product divides it; a mesh axis is used at most once per array.
+    """
+    sizes = axis_sizes(mesh)
+    if len(shape) != len(logical_axes):
+        raise ValueError(f"shape {tuple(shape)} has {len(shape)} dims but logical axes {logical_axes}")
+    used: set[str] = set()
+    spec = []
+    for dim, name in zip(shape, logical_axes):
+        if name is None:
+            spec.append(None)
+            continue
+        if name not in rules:
+            raise KeyError(
+                f"logical axis {name!r} has no sharding rule; add it to nagjax.sharding.LOGICAL_RULES "
+                f"(known: {', '.join(sorted(rules))})"
+            )
+        target = rules[name]
+        target = () if target is None else ((target,) if isinstance(target, str) else tuple(target))
+        chosen: list[str] = []
+        for axis in target:
+            size = sizes.get(axis, 1)
+            if size == 1 or axis in used:
+                continue
+            if dim % (math.prod(sizes[a] for a in chosen) * size):
+                break
+            chosen.append(axis)
+        used.update(chosen)
+        spec.append(None if not chosen else chosen[0] if len(chosen) == 1 else tuple(chosen))
+    while spec and spec[-1] is None:
+        spec.pop()
+    return P(*spec)
+
+
+def variable_axes(variable: nnx.Variable, ndim: int) -> tuple:
+    """Logical axes of a parameter's array: its `logical_axes`, plus a leading "layers" axis when
+    the array has one more dimension (stacked by `nnx.vmap` over the blocks)."""
+    axes = tuple(getattr(variable, "logical_axes", None) or ())
+    if ndim == len(axes) + 1:
+        return ("layers", *axes)
+    if ndim != len(axes):
+        raise ValueError(f"array of rank {ndim} but logical_axes {axes}")
+    return axes
+
+
+def _is_variable(x) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def tree_specs(tree: Any, mesh, rules: Mapping = LOGICAL_RULES) -> Any:
+    """A PartitionSpec for every array leaf of `tree` (same structure): leaves inside an
+    `nnx.Variable` with `logical_axes` (parameters, and optimiser moments, which optax builds with
+    the same Variable wrappers) follow the rules; every other leaf (step counts, accumulators) is
+    replicated."""
+    nodes, _ = jax.tree_util.tree_flatten(tree, is_leaf=_is_variable)
+    specs = []
+    for node in nodes:
+        if _is_variable(node):
+            for leaf in jax.tree.leaves(node):
+                axes = variable_axes(node, len(leaf.shape))
+                specs.append(logical_to_spec(leaf.shape, axes, mesh, rules))
+        else:
+            specs.append(P())
+    return jax.tree.unflatten(jax.tree.structure(tree), specs)
+
+
+def state_shardings(mesh: jax.sharding.Mesh, tree: Any, rules: Mapping = LOGICAL_RULES) -> Any:
+    """NamedSharding of every array in `tree` (abstract or concrete state: params, opt state, ...)."""
+    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), tree_specs(tree, mesh, rules))
+
+
+def param_sharding(mesh, params):
+    """Sharding of every parameter (see `state_shardings`)."""
+    return state_shardings(mesh, params)
 
 
 def replicated(mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def param_sharding(mesh, params):
-    """Sharding of every parameter (replicated for now)."""
-    return jax.tree.map(lambda _: replicated(mesh), params)
+def sharding_table(params: Any, mesh) -> list[tuple[str, tuple, tuple, str]]:
+    """(path, shape, logical axes, spec) per parameter, sorted by path: the golden-table rows."""
+    rows = []
+    flat, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_variable)
+    for path, node in flat:
+        if not _is_variable(node):
+            continue
+        name = ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+        for leaf in jax.tree.leaves(node):
+            axes = variable_axes(node, len(leaf.shape))
+            spec = logical_to_spec(leaf.shape, axes, mesh)
+            rows.append((name, tuple(leaf.shape), axes, format_spec(spec, len(leaf.shape))))
+    return sorted(rows)
+
+
+def format_spec(spec: P, ndim: int) -> str:
+    """`(-, fsdp, tensor+data)`: one entry per dimension; "-" = not split. Scalars: `()`."""
+    def one(s):
+        if s is None:
+            return "-"
+        return "+".join(s) if isinstance(s, tuple) else s
+
+    entries = list(spec) + [None] * (ndim - len(spec))
+    return "(" + ", ".join(one(s) for s in entries) + ")"
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches and activations
+# ---------------------------------------------------------------------------------------------
 
 
 def batch_sharding(mesh) -> NamedSharding:
@@ -54,8 +235,71 @@ def batch_sharding(mesh) -> NamedSharding:
 
 
 def global_batch(mesh, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-    """Assemble this process's rows into global arrays sharded over the batch axes."""
+    """Assemble this process's rows into global arrays sharded over the batch axes.
+
+    Process p holds rows [p*b, (p+1)*b) of the global batch (the data pipeline reads only those);
+    jax places them on p's devices, so no process ever sees another's rows.
+    """
     sharding = batch_sharding(mesh)
     return {
         k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()
     }
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+    """`with_sharding_constraint` by logical axis names against the mesh in context (set by
+    `jax.set_mesh`, which the sharded steps do); a no-op outside a mesh context."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(x.shape, logical_axes, mesh))
+
+
+def constrain_stream(state: Any) -> Any:
+    """Constrain every array of a residual-stream state ([b, t, ...]) to batch sharding, replicated
+    over the feature axes. Called at the block boundary of the layer scan."""
+
+    def one(x):
+        if x.ndim < 2:
+            return x
+        return constrain(x, ("batch", "sequence") + ("act_embed",) * (x.ndim - 2))
+
+    return jax.tree.map(one, state)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharded steps
+# ---------------------------------------------------------------------------------------------
+
+
+class _UnderMesh:
+    """A jitted function called (and lowered) inside `jax.set_mesh(mesh)`, so that activation
+    constraints resolve against the mesh at trace time."""
+
+    def __init__(self, jitted: Callable, mesh: jax.sharding.Mesh):
+        self.jitted, self.mesh = jitted, mesh
+        functools.update_wrapper(self, jitted)
+
+    def __call__(self, *args, **kwargs):
+        with jax.set_mesh(self.mesh):
+            return self.jitted(*args, **kwargs)
+
+    def lower(self, *args, **kwargs):
+        with jax.set_mesh(self.mesh):
+            return self.jitted.lower(*args, **kwargs)
+
+
+@dataclass(frozen=True)
+class ShardedSteps:
+    train: Callable  # (state, batch, step) -> (state, metrics)
+    eval: Callable  # (params, batch) -> (loss sum, count)
+
+
+def shard_steps(steps, mesh: jax.sharding.Mesh, shardings: Any) -> ShardedSteps:
+    """Pin the shardings of the train/eval steps: the state keeps `shardings` (so donation reuses
+    buffers and no step recompiles), batches are split over the batch axes, metrics replicated."""
+    batch, repl = batch_sharding(mesh), replicated(mesh)
+    train = jax.jit(steps.train, in_shardings=(shardings, batch, repl),
+                    out_shardings=(shardings, repl), donate_argnums=(0,))
+    eval_ = jax.jit(steps.eval, in_shardings=(shardings["params"], batch), out_shardings=repl)
+    return ShardedSteps(train=_UnderMesh(train, mesh), eval=_UnderMesh(eval_, mesh))

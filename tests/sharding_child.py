@@ -1,0 +1,100 @@
+"""Run by tests/test_sharding.py in a subprocess with 8 forced CPU devices (XLA_FLAGS is set
+before jax starts): trains tiny models on several meshes through the real Trainer, saves on one
+mesh and restores on others, and prints one JSON object of losses and checks."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from nagjax import runtime, sharding
+from nagjax.config import apply_overrides
+from nagjax.registry import get_experiment, load_experiments
+from nagjax.train import trainer as trainer_mod
+from nagjax.train.logging import read_metrics
+
+STEPS = 3
+TINY = [
+    "model.d_model=32", "model.depth=2", "model.n_heads=2", "model.d_ff=64",
+    "data.seq_len=32", "data.batch_size=8", "data.vocab_size=4096",
+    "train.eval_every=0", "train.eval_batches=1", "train.checkpoint_every=0",
+    "train.log_every=1", "train.progress_bar=false", "optim.warmup_steps=1",
+]
+MESHES = {"8,1,1": (8, 1, 1), "2,4,1": (2, 4, 1), "2,2,2": (2, 2, 2)}
+
+
+def config(residual: str, mesh=(1, 1, 1), steps: int = STEPS):
+    data, fsdp, tensor = mesh
+    return apply_overrides(get_experiment("quickstart"), [
+        *TINY, f"model.residual={residual}", f"train.steps={steps}",
+        f"mesh.data={data}", f"mesh.fsdp={fsdp}", f"mesh.tensor={tensor}",
+    ])
+
+
+def trainer(cfg, workdir: Path, n_devices: int | None = None):
+    """A Trainer on the first `n_devices` devices (default: all 8)."""
+    make_mesh = sharding.make_mesh
+    if n_devices is not None:
+        trainer_mod.sharding.make_mesh = lambda c, devices=None: make_mesh(c, jax.devices()[:n_devices])
+    try:
+        return trainer_mod.Trainer(cfg, workdir)
+    finally:
+        trainer_mod.sharding.make_mesh = make_mesh
+
+
+def train(cfg, workdir: Path, n_devices: int | None = None):
+    t = trainer(cfg, workdir, n_devices)
+    t.run()
+    params = [np.asarray(x) for x in jax.tree.leaves(jax.device_get(t.state["params"]))]
+    t.store.close()
+    return params
+
+
+def losses(workdir: Path) -> list[float]:
+    records = read_metrics(workdir / "logs" / "metrics.jsonl")
+    return [records[s]["train/loss"] for s in sorted(records) if "train/loss" in records[s]]
+
+
+def main(root: Path) -> dict:
+    runtime.setup()
+    load_experiments()
+    out = {"devices": jax.device_count(), "losses": {}, "reshard": {}}
+    final = {}
+    for residual in ("prenorm", "nag"):
+        runs = {}
+        train(config(residual), root / f"{residual}-1dev", n_devices=1)
+        runs["1"] = losses(root / f"{residual}-1dev")
+        for name, mesh in MESHES.items():
+            final[residual, name] = train(config(residual, mesh), root / f"{residual}-{name}")
+            runs[name] = losses(root / f"{residual}-{name}")
+        out["losses"][residual] = runs
+
+    # Save on (2,2,2) after STEPS steps (the NAG run above); restore on (8,1,1) and on 1 device.
+    saved_dir = root / "nag-2,2,2"
+    saved = final["nag", "2,2,2"]
+    for name, mesh, n_dev in (("8,1,1", (8, 1, 1), None), ("1", (1, 1, 1), 1)):
+        workdir = root / f"resume-{name}"
+        shutil.copytree(saved_dir, workdir)
+        t = trainer(config("nag", mesh, steps=STEPS + 1), workdir, n_dev)
+        restored = [np.asarray(x) for x in jax.tree.leaves(jax.device_get(t.state["params"]))]
+        specs = sorted({str(s.spec) for s in jax.tree.leaves(t.state_shardings["params"])})
+        t.run()
+        t.store.close()
+        out["reshard"][name] = {
+            "resumed_at": t.resume_step,
+            "params_identical": all(np.array_equal(a, b) for a, b in zip(saved, restored)),
+            "mesh": dict(t.mesh.shape),
+            "specs": specs,
+            "next_loss": losses(workdir)[-1],
+        }
+    return out
+
+
+if __name__ == "__main__":
+    result = main(Path(sys.argv[1]))
+    print("RESULT " + json.dumps(result), flush=True)
