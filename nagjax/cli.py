@@ -157,10 +157,18 @@ def cmd_sweep(args) -> int:
     from nagjax.registry import get_sweep, load_experiments
     from nagjax.sweep import run_sweep
 
+    from nagjax.analysis.depth_sweep import DepthSweep, run_depth_sweep
+    from nagjax.config import ConfigError
+
     load_experiments(args.experiments_dir)
     sweep = get_sweep(args.sweep)
     workdir = Path(args.workdir or Path("runs") / "sweeps" / args.sweep)
-    run_sweep(sweep, workdir, tuple(args.overrides))
+    if isinstance(sweep, DepthSweep):  # fixed token budget per depth, not iso-FLOP
+        if args.overrides:
+            raise ConfigError("--set is not supported for depth sweeps; edit the sweep's configs")
+        run_depth_sweep(sweep, workdir)
+    else:
+        run_sweep(sweep, workdir, tuple(args.overrides))
     print((workdir / "results.md").read_text())
     print(f"plots and results.json in {workdir}")
     return 0

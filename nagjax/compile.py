@@ -16,7 +16,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from nagjax import sharding
 from nagjax.config import Config, ConfigError
@@ -101,26 +100,11 @@ def target_config(config: Config, platform: str) -> Config:
 
 
 def _abstract_training(cfg: Config):
-    """(steps, init_state) as the trainer builds them (shapes only)."""
-    from nagjax.model import build_model
-    from nagjax.train import optim
-    from nagjax.train import step as step_mod
+    """(steps, init_state) exactly as the trainer builds them (shapes only)."""
+    from nagjax.train.state import training_state
 
-    mod = {"mod": cfg.mod} if hasattr(cfg, "mod") else {}  # Mixture-of-Depths, where configured
-    graphdef, abstract_params = nnx.split(
-        nnx.eval_shape(lambda: build_model(cfg.model, seed=cfg.train.seed, **mod)), nnx.Param)
-    optimizer = optim.make_optimizer(cfg.optim, cfg.train.steps, abstract_params)
-    steps = step_mod.make_steps(graphdef, cfg.model, optimizer, optim.schedule(cfg.optim, cfg.train.steps),
-                                **mod)
-
-    def init_state():
-        params = nnx.split(build_model(cfg.model, seed=cfg.train.seed, **mod), nnx.Param)[1]
-        state = {"params": params, "opt_state": optimizer.init(params)}
-        if hasattr(step_mod, "init_aux"):
-            state["aux"] = step_mod.init_aux(cfg.model)
-        return state
-
-    return steps, init_state
+    spec = training_state(cfg)
+    return spec.steps, spec.init
 
 
 def _per_device_bytes(tree, shardings) -> int:

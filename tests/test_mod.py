@@ -1,7 +1,6 @@
 """Mixture-of-Depths on NAG (SPEC 2): gather/scatter training path, causal thresholds, FLOPs."""
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp

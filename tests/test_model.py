@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from nagjax.config import ModelConfig, NagConfig
+from nagjax.config import ModelConfig
 from nagjax.model import StepContext, build_model, count_params
 from nagjax.model.residual.base import ATTENTION, MLP
 from nagjax.model.residual.nag import NagResidual, NagStream

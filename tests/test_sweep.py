@@ -5,7 +5,6 @@ import json
 import pytest
 
 from nagjax import flops
-from nagjax.cli import main
 from nagjax.config import Config, DataConfig, ModelConfig, TrainConfig
 from nagjax.registry import get_sweep, load_experiments
 from nagjax.sweep import IsoFlopSweep, Variant, plan, run_sweep

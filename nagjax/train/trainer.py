@@ -19,18 +19,16 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from flax import nnx
 from tqdm.auto import tqdm
 
 from nagjax import flops, sharding
 from nagjax.config import Config, ConfigError, config_from_dict
 from nagjax.data import pipeline
 from nagjax.data.shards import open_split
-from nagjax.model import build_model
-from nagjax.train import optim
 from nagjax.train.checkpoint import CheckpointStore, abstract_like
 from nagjax.train.logging import ScalarWriter, layer_scalars
-from nagjax.train.step import Steps, init_aux, make_steps
+from nagjax.train.state import training_state
+from nagjax.train.step import Steps
 
 # Keys that may change when a run is resumed (they do not change what the model computes).
 RESUMABLE_KEYS = ("name", "description", "train.steps", "train.eval_every", "train.eval_batches",
@@ -154,26 +152,17 @@ class Trainer:
         self.mesh = sharding.make_mesh(cfg.mesh)
         # Shapes first (nothing allocated), then one jit-compiled init straight into the shardings;
         # a resumed run never initialises, it restores into the abstract state.
-        self.graphdef, abstract_params = nnx.split(
-            nnx.eval_shape(lambda: build_model(cfg.model, seed=cfg.train.seed, mod=cfg.mod)), nnx.Param
-        )
-        self.n_params = sum(x.size for x in jax.tree.leaves(abstract_params))
-        self.optimizer = optim.make_optimizer(cfg.optim, cfg.train.steps, abstract_params)
-        self.lr_fn = optim.schedule(cfg.optim, cfg.train.steps)
-        self.steps: Steps = make_steps(self.graphdef, cfg.model, self.optimizer, self.lr_fn, mod=cfg.mod)
-
-        def init_state():
-            params = nnx.split(build_model(cfg.model, seed=cfg.train.seed, mod=cfg.mod), nnx.Param)[1]
-            return {"params": params, "opt_state": self.optimizer.init(params), "aux": init_aux(cfg.model)}
-
+        spec = training_state(cfg)
+        self.graphdef, self.optimizer, self.lr_fn = spec.graphdef, spec.optimizer, spec.lr_fn
+        self.n_params = spec.n_params
+        init_state, abstract_state = spec.init, spec.abstract
         self.data = pipeline.train_iterator(
             cfg.data, process_index=jax.process_index(), process_count=jax.process_count()
         )
         # Shardings of the whole state from the logical-axis rules (params and optimiser moments
         # sharded alike, the rest replicated); the steps keep them fixed (sharding.shard_steps).
-        abstract_state = jax.eval_shape(init_state)
         self.state_shardings = sharding.state_shardings(self.mesh, abstract_state)
-        self.steps = sharding.shard_steps(self.steps, self.mesh, self.state_shardings)
+        self.steps: Steps = sharding.shard_steps(spec.steps, self.mesh, self.state_shardings)
         if resume_step is None:
             self.state = jax.jit(init_state, out_shardings=self.state_shardings)()
         else:  # Orbax reads each array straight into its (possibly different) mesh and sharding

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 
+from nagjax.model.residual.attnres import AttnResResidual, AttnResStream
 from nagjax.model.residual.nag import NagResidual, NagStream
 from nagjax.model.residual.prenorm import PreNormResidual, PreNormStream
 
@@ -12,6 +13,7 @@ SCHEMES = {
     "prenorm": (PreNormStream, functools.partial(PreNormResidual, layernorm_scaling=False)),
     "lns": (PreNormStream, functools.partial(PreNormResidual, layernorm_scaling=True)),
     "nag": (NagStream, NagResidual),
+    "attnres": (AttnResStream, AttnResResidual),
 }
 
 

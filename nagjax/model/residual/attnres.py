@@ -1,0 +1,150 @@
+"""Attention Residuals (SPEC 4, Kimi Team arXiv 2603.15031): softmax mixing over depth.
+
+Instead of adding every sublayer output into one stream, each sublayer reads a per-token softmax
+mixture of earlier *sources*: the embedding, the sums of completed blocks of `S` sublayer outputs,
+and the running partial sum of the current block (`model.attnres.block_size` = S, counted in
+sublayers; S = 1 is Full AttnRes, every sublayer output its own source):
+
+    a_i = softmax_i(<w_l, RMSNorm_l(v_i)>),   h_l = sum_i a_i v_i,   out_l = F_l(Norm_l(h_l))
+
+with a pseudo-query w_l per sublayer initialised to zero (uniform weights), a key RMSNorm with its
+own gain per sublayer, no 1/sqrt(d) and no heads. The final output gets its own query and key norm
+before the final norm. Because the final norm and the pre-norms are scale-invariant, the zero-query
+model computes the Pre-LN function at initialisation (the mean of the sources is the Pre-LN stream
+divided by the number of sources).
+
+Fixed-size buffer (so the stack stays one `lax.scan`): the state holds `sources` [b, t, N, d] in
+float32 with N = 1 + ceil(2 * L / S) slots (slot 0 = embedding, slot 1 + l // S = the block that
+sublayer l, 0-based over the whole stack, writes into) and `filled` [b, t, N], which marks the
+slots already written. Logits of unfilled slots are masked, so at sublayer l the visible sources
+are exactly the embedding, the completed blocks and the partial block (SPEC 4 [default] indexing:
+0-based sublayer counter, no completed block at the start, the embedding its own source). Mixing,
+softmax and accumulation run in float32; the sublayer itself runs in the compute dtype.
+
+Sublayer indices come from the *original* block index (`model.block_ids`), so a pruned model
+(`nagjax prune`) keeps each remaining output in its original slot: removing a block is exactly
+"its outputs are never written", and slots that nothing writes stay masked.
+
+Cost and memory: every sublayer normalises and scores all N slots (masked ones included: that is
+the executed work the FLOP counter reports). The scan saves the buffer per block for the backward
+pass, O(L * N * b * t * d) floats: use Block AttnRes (S = 2L / 8 keeps N ~ 9, "most of the gain")
+for deep models; Full AttnRes is O(L^2).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from nagjax.config import ModelConfig
+from nagjax.model.layers import RMSNorm, compute_dtype, param, rms_normalize
+from nagjax.model.residual.base import State, StepContext, Sublayer
+
+
+def n_sources(cfg: ModelConfig) -> int:
+    """Slots of the source buffer: the embedding + one per block of S sublayers."""
+    sublayers = 2 * (max(cfg.block_index_list) + 1)
+    return 1 + math.ceil(sublayers / cfg.attnres.block_size)
+
+
+def _stream_of(sources_btnd):
+    """The Pre-LN-equivalent stream: the sum of all sources (unfilled slots are zero)."""
+    return jnp.sum(sources_btnd, axis=2)
+
+
+def _mean_rms(x):
+    return jnp.mean(jnp.sqrt(jnp.mean(jnp.square(x.astype(jnp.float32)), axis=-1)))
+
+
+class DepthRouter(nnx.Module):
+    """One depth-attention read: zero-init pseudo-query and a key RMSNorm with learnable gain."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.query = param(rngs, jax.nn.initializers.zeros, (cfg.d_model,), ("embed",))
+        self.key_norm = RMSNorm(cfg.d_model, cfg.norm_eps, rngs=rngs)
+
+    def weights(self, state: State):
+        """Mixing weights [b, t, N] over the buffer slots (float32, zero on unfilled slots)."""
+        sources = state["sources"]
+        keys = rms_normalize(sources, self.key_norm.eps) * self.key_norm.scale[...]
+        logits = jnp.einsum("btnd,d->btn", keys, self.query[...])
+        logits = jnp.where(state["filled"] > 0, logits, -jnp.inf)
+        return jax.nn.softmax(logits, axis=-1)
+
+    def __call__(self, state: State):
+        """h [b, t, d] float32 = sum_i a_i v_i, and the weights."""
+        w = self.weights(state)
+        return jnp.einsum("btn,btnd->btd", w, state["sources"]), w
+
+
+class AttnResStream(nnx.Module):
+    """Embedding -> buffer slot 0; the head reads a final depth mixture through the final norm."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, rngs=rngs)
+        self.final_router = DepthRouter(cfg, rngs=rngs)
+        self.n_sources = n_sources(cfg)
+        self.dtype = compute_dtype(cfg)
+
+    def embedding_table(self, raw_vd):
+        return raw_vd
+
+    def encode(self, embeddings_btd) -> State:
+        b, t, d = embeddings_btd.shape
+        sources = jnp.zeros((b, t, self.n_sources, d), jnp.float32)
+        sources = sources.at[:, :, 0].set(embeddings_btd.astype(jnp.float32))
+        filled = jnp.zeros((b, t, self.n_sources), jnp.float32).at[:, :, 0].set(1.0)
+        return {"sources": sources, "filled": filled}
+
+    def final_hidden(self, state: State):
+        h, _ = self.final_router(state)
+        return self.final_norm(h.astype(self.dtype))
+
+    def logits(self, state: State, head_vd):
+        h = self.final_hidden(state)
+        return jnp.einsum("btd,vd->btv", h, head_vd.astype(h.dtype))
+
+    def stream_rms(self, state: State):
+        x = _stream_of(state["sources"])
+        return jnp.sqrt(jnp.mean(x * x, axis=-1))
+
+
+class AttnResResidual(nnx.Module):
+    """Per block: the two sublayers' pre-norms (as Pre-LN) and their depth routers."""
+
+    def __init__(self, cfg: ModelConfig, block_index, *, rngs: nnx.Rngs):
+        del block_index  # sublayer indices come from the scanned (original) block index
+        self.norms = nnx.List([RMSNorm(cfg.d_model, cfg.norm_eps, rngs=rngs) for _ in range(2)])
+        self.routers = nnx.List([DepthRouter(cfg, rngs=rngs) for _ in range(2)])
+        self.block_size = cfg.attnres.block_size
+        self.dtype = compute_dtype(cfg)
+
+    def slot_of(self, block_index, slot: int):
+        """Buffer slot that sublayer (block_index, slot) writes: 1 + l // S, l = 2 * block + slot."""
+        return 1 + (2 * jnp.asarray(block_index, jnp.int32) + slot) // self.block_size
+
+    def __call__(self, state: State, sublayer: Sublayer, positions_bt, slot: int, block_index,
+                 ctx: StepContext):
+        del ctx
+        sources, filled = state["sources"], state["filled"]
+        h, weights = self.routers[slot](state)
+        x_prev = _stream_of(sources)
+        f = sublayer(self.norms[slot](h.astype(self.dtype)), positions_bt).astype(jnp.float32)
+        k = self.slot_of(block_index, slot)
+        current = jax.lax.dynamic_index_in_dim(sources, k, axis=2, keepdims=False)
+        sources = jax.lax.dynamic_update_index_in_dim(sources, current + f, k, axis=2)
+        filled = jax.lax.dynamic_update_index_in_dim(filled, jnp.ones_like(filled[:, :, 0]), k, axis=2)
+        visible = jnp.sum(state["filled"], axis=-1)
+        entropy = -jnp.sum(jnp.where(weights > 0, weights * jnp.log(jnp.maximum(weights, 1e-30)), 0.0), -1)
+        stats = {
+            "stream_rms": _mean_rms(x_prev + f),
+            "update_ratio": _mean_rms(f) / (_mean_rms(x_prev) + 1e-12),
+            "mix_embed_weight": jnp.mean(weights[:, :, 0]),  # weight on the embedding source
+            # 1 = uniform over the visible sources (the init), 0 = all weight on one source
+            "mix_entropy_ratio": jnp.mean(
+                jnp.where(visible > 1, entropy / jnp.log(jnp.maximum(visible, 2.0)), 1.0)),
+        }
+        return {"sources": sources, "filled": filled}, stats
