@@ -28,10 +28,16 @@ TINY = [
 MESHES = {"8,1,1": (8, 1, 1), "2,4,1": (2, 4, 1), "2,2,2": (2, 2, 2)}
 
 
+# Mixture-of-Depths (gather/scatter of the top-k tokens) under sharding: one mesh is enough.
+VARIANTS = {"prenorm": (["model.residual=prenorm"], MESHES),
+            "nag": (["model.residual=nag"], MESHES),
+            "nag_mod": (["model.residual=nag", "mod.rate=0.5"], {"2,2,2": (2, 2, 2)})}
+
+
 def config(residual: str, mesh=(1, 1, 1), steps: int = STEPS):
     data, fsdp, tensor = mesh
     return apply_overrides(get_experiment("quickstart"), [
-        *TINY, f"model.residual={residual}", f"train.steps={steps}",
+        *TINY, *VARIANTS[residual][0], f"train.steps={steps}",
         f"mesh.data={data}", f"mesh.fsdp={fsdp}", f"mesh.tensor={tensor}",
     ])
 
@@ -65,11 +71,11 @@ def main(root: Path) -> dict:
     load_experiments()
     out = {"devices": jax.device_count(), "losses": {}, "reshard": {}}
     final = {}
-    for residual in ("prenorm", "nag"):
+    for residual, (_, meshes) in VARIANTS.items():
         runs = {}
         train(config(residual), root / f"{residual}-1dev", n_devices=1)
         runs["1"] = losses(root / f"{residual}-1dev")
-        for name, mesh in MESHES.items():
+        for name, mesh in meshes.items():
             final[residual, name] = train(config(residual, mesh), root / f"{residual}-{name}")
             runs[name] = losses(root / f"{residual}-{name}")
         out["losses"][residual] = runs

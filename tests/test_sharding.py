@@ -134,6 +134,12 @@ def test_losses_match_single_device(eight_devices, residual, mesh):
     assert runs[mesh] == pytest.approx(runs["1"], rel=2e-6, abs=0)
 
 
+def test_mixture_of_depths_matches_single_device_when_sharded(eight_devices):
+    runs = eight_devices["losses"]["nag_mod"]
+    assert len(runs["1"]) == 3 and runs["1"] != eight_devices["losses"]["nag"]["1"]  # it skips
+    assert runs["2,2,2"] == pytest.approx(runs["1"], rel=2e-6, abs=0)
+
+
 @pytest.mark.parametrize("target", ["8,1,1", "1"])
 def test_checkpoint_restores_onto_another_mesh(eight_devices, target):
     saved_on = eight_devices["losses"]["nag"]["2,2,2"]
