@@ -303,3 +303,24 @@ def shard_steps(steps, mesh: jax.sharding.Mesh, shardings: Any) -> ShardedSteps:
                     out_shardings=(shardings, repl), donate_argnums=(0,))
     eval_ = jax.jit(steps.eval, in_shardings=(shardings["params"], batch), out_shardings=repl)
     return ShardedSteps(train=_UnderMesh(train, mesh), eval=_UnderMesh(eval_, mesh))
+
+
+def map_over_batch(fn: Callable, row_args: Sequence[jax.Array], replicated_args: Sequence[Any]):
+    """`fn(*row_args, *replicated_args)` run per batch shard under `jax.shard_map` when a mesh is in
+    context, else called directly.
+
+    For kernels XLA cannot partition (a Pallas call is an opaque custom call: the partitioner would
+    gather its inputs onto every device). Row arguments and every output are [b, ...] arrays split
+    over the batch axes; replicated arguments (parameters) are whole on every shard, and their
+    gradients are summed over the shards by shard_map's transpose.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return fn(*row_args, *replicated_args)
+    rows = logical_to_spec(row_args[0].shape[:1], ("batch",), mesh)
+    if rows == P(None) or rows == P():
+        return fn(*row_args, *replicated_args)
+    specs = (P(*rows),) * len(row_args) + (P(),) * len(replicated_args)
+    # check_vma=False: a Pallas call declares no per-axis variance of its outputs.
+    return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=P(*rows), check_vma=False)(
+        *row_args, *replicated_args)

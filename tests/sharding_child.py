@@ -31,7 +31,9 @@ MESHES = {"8,1,1": (8, 1, 1), "2,4,1": (2, 4, 1), "2,2,2": (2, 2, 2)}
 # Mixture-of-Depths (gather/scatter of the top-k tokens) under sharding: one mesh is enough.
 VARIANTS = {"prenorm": (["model.residual=prenorm"], MESHES),
             "nag": (["model.residual=nag"], MESHES),
-            "nag_mod": (["model.residual=nag", "mod.rate=0.5"], {"2,2,2": (2, 2, 2)})}
+            "nag_mod": (["model.residual=nag", "mod.rate=0.5"], {"2,2,2": (2, 2, 2)}),
+            # the Pallas update (interpret mode on CPU) runs per batch shard under shard_map
+            "nag_kernel": (["model.residual=nag", "model.nag.kernel=pallas"], {"2,2,2": (2, 2, 2)})}
 
 
 def config(residual: str, mesh=(1, 1, 1), steps: int = STEPS):

@@ -140,6 +140,12 @@ def test_mixture_of_depths_matches_single_device_when_sharded(eight_devices):
     assert runs["2,2,2"] == pytest.approx(runs["1"], rel=2e-6, abs=0)
 
 
+def test_pallas_update_runs_per_batch_shard(eight_devices):
+    runs = eight_devices["losses"]["nag_kernel"]
+    assert runs["1"] == pytest.approx(eight_devices["losses"]["nag"]["1"], rel=2e-5)
+    assert runs["2,2,2"] == pytest.approx(runs["1"], rel=2e-6, abs=0)
+
+
 @pytest.mark.parametrize("target", ["8,1,1", "1"])
 def test_checkpoint_restores_onto_another_mesh(eight_devices, target):
     saved_on = eight_devices["losses"]["nag"]["2,2,2"]

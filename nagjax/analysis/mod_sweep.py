@@ -141,14 +141,21 @@ def write_outputs(result: dict, out_dir: Path) -> None:
 
     heat = [p for p in result["points"] if p["target_rate"] > 0]
     if heat:
-        fig, axes = plt.subplots(1, len(heat), figsize=(3.2 * len(heat), 3.6), squeeze=False)
-        for ax, p in zip(axes[0], heat):
+        cols = min(4, len(heat))
+        rows = -(-len(heat) // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols + 1.0, 2.8 * rows), squeeze=False,
+                                 sharey=True, constrained_layout=True)
+        for ax, p in zip(axes.ravel(), heat):
             grid = np.asarray(p["skip_by_position"])  # [depth, 2, t]
-            grid = grid.reshape(-1, grid.shape[-1])  # rows: sublayers in order
+            grid = grid.reshape(-1, grid.shape[-1])  # rows: sublayers in order (attn, mlp per block)
             im = ax.imshow(grid, aspect="auto", vmin=0, vmax=1, cmap="magma", interpolation="nearest")
-            ax.set_title(f"{p['label']} (realised {p['realised_rate']:.2f})", fontsize=9)
+            ax.set_title(f"{p['label']}: skips {p['realised_rate_eligible']:.2f}", fontsize=9)
             ax.set_xlabel("position")
-            ax.set_ylabel("sublayer (attn, mlp per block)")
-        fig.colorbar(im, ax=axes[0].tolist(), label="skip rate")
+        for ax in axes[:, 0]:
+            ax.set_ylabel("sublayer (attn, mlp / block)")
+        for ax in axes.ravel()[len(heat):]:
+            ax.axis("off")
+        fig.colorbar(im, ax=axes.ravel().tolist(), label="skip rate", shrink=0.9)
+        fig.suptitle("Mixture-of-Depths skip rate by sublayer and position", fontsize=10)
         fig.savefig(out_dir / "skip_heatmap.png", dpi=110)
         plt.close(fig)

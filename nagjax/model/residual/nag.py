@@ -21,6 +21,7 @@ from flax import nnx
 from nagjax.config import ModConfig, ModelConfig
 from nagjax.model.layers import param
 from nagjax.model.residual.base import ATTENTION, State, StepContext, Sublayer
+from nagjax.sharding import map_over_batch
 from pallas_kernels.nag_update import nag_update
 from pallas_kernels.nag_update.reference import modulator
 from pallas_kernels.nag_update.reference import nag_update as nag_update_reference
@@ -107,7 +108,7 @@ class NagResidual(nnx.Module):
         alpha = alpha * ctx.nag_alpha_scale
         # m depends only on the input direction: Mixture-of-Depths reads it before the sublayer.
         m = modulator(direction, w, b, logits, beta, gate_floor=self.gate_floor)
-        update = functools.partial(nag_update, eps=self.eps, gate_floor=self.gate_floor, impl=self.kernel)
+        update = functools.partial(self._update, impl=self.kernel)
         mod = ctx.mod if ctx.mod is not None and mod_applies(ctx.mod, slot) else None
         if mod is not None and ctx.mod_mode == "threshold":
             direction, dlog, executed = self._threshold(
@@ -138,6 +139,13 @@ class NagResidual(nnx.Module):
         if ctx.quantile_rates:
             stats["gate_quantiles"] = jnp.quantile(m.reshape(-1), jnp.asarray(ctx.quantile_rates))
         return {"log_norm": log_norm, "direction": direction}, stats
+
+    def _update(self, f, direction, alpha, beta, w, b, logits, *, impl):
+        """The fused update; a Pallas kernel runs per batch shard (XLA cannot partition it)."""
+        fn = functools.partial(nag_update, eps=self.eps, gate_floor=self.gate_floor, impl=impl)
+        if impl == "reference":
+            return fn(f, direction, alpha, beta, w, b, logits)
+        return map_over_batch(fn, (f, direction), (alpha, beta, w, b, logits))
 
     def _topk(self, direction, m, sublayer, positions_bt, slot, mod, update, gate):
         """Training path: run the sublayer on the top-k tokens by m of each sequence only."""
