@@ -133,10 +133,14 @@ class _StopSignal:
 
 
 class Trainer:
-    def __init__(self, config: Config, workdir: str | Path):
+    """`for_eval=True` opens an existing run without touching its files (no run files written,
+    no checkpoint manager cleanup)."""
+
+    def __init__(self, config: Config, workdir: str | Path, *, for_eval: bool = False):
         self.workdir = Path(workdir).absolute()
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.store = CheckpointStore(self.workdir / "checkpoints", keep=config.train.keep_checkpoints)
+        self.store = CheckpointStore(self.workdir / "checkpoints", keep=config.train.keep_checkpoints,
+                                     read_only=for_eval)
         requested = resolve(config)
         resume_step = self.store.latest_step()
         if resume_step is not None:
@@ -144,7 +148,7 @@ class Trainer:
             requested = check_resume_compatible(saved, requested, self.workdir)
         self.config = requested
         self.resume_step = resume_step
-        if jax.process_index() == 0:  # one writer on a shared filesystem
+        if jax.process_index() == 0 and not for_eval:  # one writer on a shared filesystem
             _write_json(self.workdir / "config.json", self.config.to_dict())
             _write_json(self.workdir / "run_info.json", run_info())
 
@@ -281,7 +285,7 @@ def evaluate_workdir(workdir: str | Path, eval_batches: int | None = None) -> di
     store.close()
     if eval_batches:
         config = config.replace(train=dataclasses.replace(config.train, eval_batches=eval_batches))
-    trainer = Trainer(config, workdir)
+    trainer = Trainer(config, workdir, for_eval=True)
     try:
         out = trainer.evaluate()
         out["step"] = trainer.step
