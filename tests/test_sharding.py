@@ -122,7 +122,15 @@ def eight_devices(tmp_path_factory):
                           env=_env(8), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):])
+    result = json.loads(line[len("RESULT "):])
+    result["partitioner_warnings"] = [l for l in proc.stderr.splitlines() if "Involuntary full rematerialization" in l]
+    return result
+
+
+def test_partitioner_never_replicates_to_reshard(eight_devices):
+    """XLA warns when it must replicate a tensor to change its sharding (e.g. an embedding gather
+    on an fsdp-split feature axis); none of the meshes above may trigger it."""
+    assert eight_devices["partitioner_warnings"] == []
 
 
 @pytest.mark.parametrize("residual", ["prenorm", "nag"])

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nagjax.config import ModConfig, ModelConfig
-from nagjax.sharding import constrain_stream
+from nagjax.sharding import constrain, constrain_stream
 from nagjax.model import taper
 from nagjax.model.layers import Attention, SwiGLU, compute_dtype, normal, param
 from nagjax.model.residual import get_scheme
@@ -76,8 +76,12 @@ class Transformer(nnx.Module):
         dtype = compute_dtype(cfg)
         if positions_bt is None:
             positions_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]), tokens_bt.shape)
-        table = self.stream.embedding_table(self.embed[...])
-        state = self.stream.encode(jnp.take(table, tokens_bt, axis=0).astype(dtype))
+        # Gather from a table whose feature axis is whole (FSDP all-gathers it, as for every weight)
+        # and hand the rows on batch-sharded: a gather on an fsdp-split feature axis otherwise
+        # forces XLA to replicate the result and re-partition it.
+        table = constrain(self.stream.embedding_table(self.embed[...]), ("vocab", None))
+        x_btd = constrain(jnp.take(table, tokens_bt, axis=0), ("batch", "sequence", "act_embed"))
+        state = self.stream.encode(x_btd.astype(dtype))
         state, stats = self.run_blocks(state, positions_bt, ctx)
         logits = self.stream.logits(state, self.head_table())
         return logits.astype(jnp.float32), stats
