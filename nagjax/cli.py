@@ -132,11 +132,10 @@ def cmd_sample(args) -> int:
     thresholds, source = None, "dense"
     if cfg.model.residual == "nag" and not args.dense:
         if args.mod_rate is not None:
-            from nagjax.analysis.mod_sweep import calibration_fn
+            from nagjax.analysis.mod_sweep import calibrate_thresholds
 
             batches = validation_batches(cfg, cfg.train.eval_batches)
-            q = np.mean([np.asarray(calibration_fn(run.graphdef, cfg.mod, (args.mod_rate,))(run.params, b))
-                         for b in batches], axis=0)
+            q = calibrate_thresholds(run, batches, cfg.mod, (args.mod_rate,))
             thresholds, source = q[..., 0], f"calibrated for r={args.mod_rate:g} on validation data"
         elif cfg.mod.rate > 0:
             thresholds, source = np.asarray(run.state["aux"]["mod_tau"]), f"trained (r={cfg.mod.rate:g})"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -175,6 +176,11 @@ class ModConfig:
         _check(0.0 <= self.rate < 1.0, f"{prefix}.rate", "must be in [0, 1)")
         _check(self.exempt_first_blocks >= 0, f"{prefix}.exempt_first_blocks", "must be >= 0")
         _check(0.0 <= self.threshold_ema < 1.0, f"{prefix}.threshold_ema", "must be in [0, 1)")
+
+
+def kept_tokens(seq_len: int, rate: float) -> int:
+    """Tokens per sequence that run a skipping sublayer: k = ceil((1 - r) T), at least 1."""
+    return max(1, math.ceil((1.0 - rate) * seq_len - 1e-9))
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import math
 
 import numpy as np
 
-from nagjax.config import ModConfig, ModelConfig
+from nagjax.config import ModConfig, ModelConfig, kept_tokens
 
 # Elementwise FLOPs per feature of the row work, counted from the reference implementations.
 RMSNORM_ROW_FLOPS = 4  # square, mean, scale, gain
@@ -66,14 +66,6 @@ def mlp_params(cfg: ModelConfig) -> int:
     return 3 * cfg.d_model * cfg.mlp_width
 
 
-def residual_row_flops(cfg: ModelConfig) -> float:
-    """Row work per token per sublayer added by the residual scheme (dense execution)."""
-    d = cfg.d_model
-    if cfg.residual == "nag":
-        return NAG_ROW_FLOPS * d + modulator_flops(cfg)
-    return RMSNORM_ROW_FLOPS * d + RESIDUAL_ADD_FLOPS * d
-
-
 def attnres_mix_flops(cfg: ModelConfig) -> float:
     """AttnRes row work of one depth-mixing read (SPEC 4): per buffer slot (all N are executed,
     masked ones included) key RMSNorm 4d, score 2d, weighted sum 2d, stream sum for stats 1d,
@@ -100,7 +92,7 @@ def executed_fractions(cfg: ModelConfig, seq_len: int, mod: ModConfig | None) ->
     out = np.ones((cfg.depth, 2))
     if mod is None or mod.rate == 0 or cfg.residual != "nag":
         return out
-    keep = min(seq_len, max(1, math.ceil((1.0 - mod.rate) * seq_len - 1e-9))) / seq_len
+    keep = kept_tokens(seq_len, mod.rate) / seq_len
     for slot, name in enumerate(("attention", "mlp")):
         if mod.sublayers in ("both", name):
             out[mod.exempt_first_blocks:, slot] = keep

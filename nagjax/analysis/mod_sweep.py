@@ -52,6 +52,12 @@ def calibration_fn(graphdef, mod: ModConfig, rates: tuple[float, ...]):
     return jax.jit(run)
 
 
+def calibrate_thresholds(run, batches, mod: ModConfig, rates: tuple[float, ...]) -> np.ndarray:
+    """[depth, 2, R]: per sublayer, the rate-quantiles of m in a dense pass, averaged over batches."""
+    fn = calibration_fn(run.graphdef, mod, tuple(rates))
+    return np.mean([np.asarray(fn(run.params, b)) for b in batches], axis=0)
+
+
 def _evaluate(fn, params, batches, tau) -> dict:
     total, count, stats = 0.0, 0, []
     for batch in batches:
@@ -72,8 +78,7 @@ def mod_sweep(run, batches, *, rates=DEFAULT_RATES) -> dict:
     mod = cfg.mod  # which sublayers may skip, exempt blocks and the K/V rule; its rate is swept
     seq_len = cfg.data.seq_len
     rates = tuple(float(r) for r in rates)
-    quantiles = np.mean([np.asarray(calibration_fn(run.graphdef, mod, rates)(run.params, b)) for b in batches],
-                        axis=0)  # [depth, 2, R]
+    quantiles = calibrate_thresholds(run, batches, mod, rates)  # [depth, 2, R]
     evaluate = threshold_eval_fn(run.graphdef, mod)
     dense_fwd = flops.forward_breakdown(cfg.model, seq_len).forward
     points = []

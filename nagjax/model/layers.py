@@ -37,6 +37,12 @@ def rms_normalize(x, eps: float):
     return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
 
 
+def mean_rms(x) -> jax.Array:
+    """Mean over tokens of RMS(x) over the last axis, in float32 (a logging statistic)."""
+    x32 = x.astype(jnp.float32)
+    return jnp.mean(jnp.sqrt(jnp.mean(x32 * x32, axis=-1)))
+
+
 class RMSNorm(nnx.Module):
     def __init__(self, dim: int, eps: float, *, rngs: nnx.Rngs):
         self.scale = param(rngs, jax.nn.initializers.ones, (dim,), ("embed",))

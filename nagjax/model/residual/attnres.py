@@ -40,7 +40,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nagjax.config import ModelConfig
-from nagjax.model.layers import RMSNorm, compute_dtype, param, rms_normalize
+from nagjax.model.layers import RMSNorm, compute_dtype, mean_rms, param, rms_normalize
 from nagjax.model.residual.base import State, StepContext, Sublayer
 
 
@@ -53,10 +53,6 @@ def n_sources(cfg: ModelConfig) -> int:
 def _stream_of(sources_btnd):
     """The Pre-LN-equivalent stream: the sum of all sources (unfilled slots are zero)."""
     return jnp.sum(sources_btnd, axis=2)
-
-
-def _mean_rms(x):
-    return jnp.mean(jnp.sqrt(jnp.mean(jnp.square(x.astype(jnp.float32)), axis=-1)))
 
 
 class DepthRouter(nnx.Module):
@@ -140,8 +136,8 @@ class AttnResResidual(nnx.Module):
         visible = jnp.sum(state["filled"], axis=-1)
         entropy = -jnp.sum(jnp.where(weights > 0, weights * jnp.log(jnp.maximum(weights, 1e-30)), 0.0), -1)
         stats = {
-            "stream_rms": _mean_rms(x_prev + f),
-            "update_ratio": _mean_rms(f) / (_mean_rms(x_prev) + 1e-12),
+            "stream_rms": mean_rms(x_prev + f),
+            "update_ratio": mean_rms(f) / (mean_rms(x_prev) + 1e-12),
             "mix_embed_weight": jnp.mean(weights[:, :, 0]),  # weight on the embedding source
             # 1 = uniform over the visible sources (the init), 0 = all weight on one source
             "mix_entropy_ratio": jnp.mean(

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nagjax.config import ModConfig, ModelConfig
+from nagjax.config import ModConfig, ModelConfig, kept_tokens
 from nagjax.model.layers import param
 from nagjax.model.residual.base import ATTENTION, State, StepContext, Sublayer
 from nagjax.sharding import map_over_batch
@@ -106,21 +106,22 @@ class NagResidual(nnx.Module):
         direction, log_norm = state["direction"], state["log_norm"]
         alpha, beta, w, b, logits = self.gate_params(slot)
         alpha = alpha * ctx.nag_alpha_scale
-        # m depends only on the input direction: Mixture-of-Depths reads it before the sublayer.
-        m = modulator(direction, w, b, logits, beta, gate_floor=self.gate_floor)
         update = functools.partial(self._update, impl=self.kernel)
         mod = ctx.mod if ctx.mod is not None and mod_applies(ctx.mod, slot) else None
-        if mod is not None and ctx.mod_mode == "threshold":
+        skipping = mod is not None and (ctx.mod_mode == "threshold" or mod.rate > 0)
+        if skipping:  # m depends only on the input direction: MoD reads it before the sublayer
+            m = modulator(direction, w, b, logits, beta, gate_floor=self.gate_floor)
+        if skipping and ctx.mod_mode == "threshold":
             direction, dlog, executed = self._threshold(
                 direction, m, sublayer, positions_bt, slot, block_index, ctx, mod, (alpha, beta, w, b, logits)
             )
-        elif mod is not None and mod.rate > 0:
+        elif skipping:
             direction, dlog, executed = self._topk(
                 direction, m, sublayer, positions_bt, slot, mod, update, (alpha, beta, w, b, logits)
             )
         else:
             f = sublayer(direction, positions_bt)
-            direction, dlog, _ = update(f, direction, alpha, beta, w, b, logits)
+            direction, dlog, m = update(f, direction, alpha, beta, w, b, logits)
             executed = jnp.ones(m.shape, jnp.bool_)
         log_norm = log_norm + dlog
         g = alpha * m * executed
@@ -190,6 +191,3 @@ def mod_applies(mod: ModConfig, slot: int) -> bool:
     return mod.sublayers == "both" or (mod.sublayers == "attention") == (slot == ATTENTION)
 
 
-def kept_tokens(seq_len: int, rate: float) -> int:
-    """k = ceil((1 - r) T), at least 1."""
-    return max(1, math.ceil((1.0 - rate) * seq_len - 1e-9))

@@ -13,13 +13,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nagjax.config import ModelConfig
-from nagjax.model.layers import RMSNorm
+from nagjax.model.layers import RMSNorm, mean_rms
 from nagjax.model.residual.base import State, StepContext, Sublayer
-
-
-def _mean_rms(x_btd: jax.Array) -> jax.Array:
-    x32 = x_btd.astype(jnp.float32)
-    return jnp.mean(jnp.sqrt(jnp.mean(x32 * x32, axis=-1)))
 
 
 class PreNormStream(nnx.Module):
@@ -58,7 +53,7 @@ class PreNormResidual(nnx.Module):
         f = sublayer(h, positions_bt)
         new = x + f.astype(x.dtype)
         stats = {
-            "stream_rms": _mean_rms(new),
-            "update_ratio": _mean_rms(f) / (_mean_rms(x) + 1e-12),
+            "stream_rms": mean_rms(new),
+            "update_ratio": mean_rms(f) / (mean_rms(x) + 1e-12),
         }
         return {"x": new}, stats
