@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from nagjax import sharding
 from nagjax.config import Config, ConfigError
+from nagjax.model.layers import compute_dtype_name
 
 # Cloud TPU slice names (cores for v4/v5p, chips for v5e/v6e) -> jax topology names.
 TPU_ALIASES = {
@@ -93,9 +94,7 @@ def target_config(config: Config, platform: str) -> Config:
     model = config.model
     if model.vocab_size == 0:
         model = dataclasses.replace(model, vocab_size=config.data.vocab_size)
-    if model.compute_dtype == "auto":
-        model = dataclasses.replace(
-            model, compute_dtype="bfloat16" if platform in ("gpu", "tpu") else "float32")
+    model = dataclasses.replace(model, compute_dtype=compute_dtype_name(model, platform))
     return config.replace(model=model).validate()
 
 

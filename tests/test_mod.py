@@ -154,11 +154,12 @@ def test_flops_count_only_executed_work():
     assert measured.mlp == pytest.approx(dense.mlp / 2)
 
 
-@pytest.mark.parametrize("residual, threshold", [("prenorm", False), ("nag", False), ("nag", True)])
-def test_kv_cache_decoding_matches_the_full_forward(residual, threshold):
+@pytest.mark.parametrize("residual, threshold, taper", [
+    ("prenorm", False, "none"), ("nag", False, "none"), ("nag", True, "none"), ("nag", True, "linear")])
+def test_kv_cache_decoding_matches_the_full_forward(residual, threshold, taper):
     from nagjax.infer.sample import init_cache, make_decode_step
 
-    cfg = dataclasses.replace(CFG, residual=residual)
+    cfg = dataclasses.replace(CFG, residual=residual, taper=taper, taper_multiple=8)
     mod = ModConfig(rate=0.0, kv="kept", exempt_first_blocks=1)
     model = build_model(cfg, seed=6, mod=mod)
     graphdef, params = nnx.split(model)

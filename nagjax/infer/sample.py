@@ -8,6 +8,7 @@ kv="kept" a token that skips attention writes no K/V. The realised skip rate is 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import jax
@@ -28,45 +29,34 @@ def init_cache(cfg, batch: int, max_len: int, dtype) -> dict:
 def make_decode_step(graphdef: nnx.GraphDef, threshold_mode: bool):
     """jit: (params, cache, tokens_b, position, tau [depth, 2]) -> (logits [b, V], cache, skip [depth, 2])."""
 
+    def decode_block(block, carry, positions, index, seg_ctx, cache_l):
+        """One block for one token: the model's own residual modules, attention via the cache."""
+        if not threshold_mode:
+            seg_ctx = dataclasses.replace(seg_ctx, mod=None)  # dense decoding
+        written = {}
+
+        def attend(x, pos, kv_valid_bt=None, **_):
+            write = kv_valid_bt[:, 0] if kv_valid_bt is not None else jnp.ones(x.shape[0], bool)
+            out, written["cache"] = block.attn.decode(x, pos, cache_l, write)
+            return out
+
+        carry, s_attn = block.residual(carry, attend, positions, ATTENTION, index, seg_ctx)
+        carry, s_mlp = block.residual(carry, lambda x, p, **_: block.mlp(x), positions, MLP, index, seg_ctx)
+        skip = jnp.stack([s.get("skip_rate", jnp.float32(0)) for s in (s_attn, s_mlp)])
+        return carry, (written["cache"], skip)
+
     def step(params, cache, tokens_b, position, tau):
         model = nnx.merge(graphdef, params)
         cfg = model.cfg
         positions = jnp.full((tokens_b.shape[0], 1), position, jnp.int32)
         table = model.stream.embedding_table(model.embed[...])
         state = model.stream.encode(jnp.take(table, tokens_b[:, None], axis=0).astype(compute_dtype(cfg)))
-        ctx = StepContext(mod_mode="threshold", mod_tau=tau) if threshold_mode else StepContext(mod_mode="topk")
         if threshold_mode and model.mod is None:
             raise ValueError("threshold decoding needs a model built with a ModConfig")
-        graph, block_params = nnx.split(model.blocks)
-        caches, skips = [], []
-        for start, stop, seg_ctx in model.segments(ctx):
-            if not threshold_mode:
-                seg_ctx = StepContext()  # dense decoding
-
-            def body(carry, xs, seg_ctx=seg_ctx):
-                params_l, index, cache_l = xs
-                block = nnx.merge(graph, params_l)
-                written = {}
-
-                def attend(x, pos, kv_valid_bt=None, **_):
-                    write = kv_valid_bt[:, 0] if kv_valid_bt is not None else jnp.ones(x.shape[0], bool)
-                    out, written["cache"] = block.attn.decode(x, pos, cache_l, write)
-                    return out
-
-                carry, s_attn = block.residual(carry, attend, positions, ATTENTION, index, seg_ctx)
-                carry, s_mlp = block.residual(carry, lambda x, p, **_: block.mlp(x), positions, MLP, index, seg_ctx)
-                skip = jnp.stack([s.get("skip_rate", jnp.float32(0)) for s in (s_attn, s_mlp)])
-                return carry, (written["cache"], skip)
-
-            sl = lambda tree: jax.tree.map(lambda x: x[start:stop], tree)
-            state, (cache_seg, skip_seg) = jax.lax.scan(
-                body, state, (sl(block_params), jnp.arange(start, stop), sl(cache))
-            )
-            caches.append(cache_seg)
-            skips.append(skip_seg)
-        cache = jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *caches)
+        ctx = StepContext(mod_mode="threshold", mod_tau=tau) if threshold_mode else StepContext()
+        state, (cache, skip) = model.run_blocks(state, positions, ctx, call=decode_block, per_block=cache)
         logits = model.stream.logits(state, model.head_table())[:, 0].astype(jnp.float32)
-        return logits, cache, jnp.concatenate(skips, axis=0)
+        return logits, cache, skip
 
     return jax.jit(step)
 

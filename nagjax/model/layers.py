@@ -14,11 +14,16 @@ from flax import nnx
 from nagjax.config import ModelConfig
 
 
+def compute_dtype_name(cfg: ModelConfig, platform: str | None = None) -> str:
+    """The activation dtype on `platform` (default: this backend): bf16 on accelerators, float32
+    on CPU, unless the config pins it."""
+    if cfg.compute_dtype != "auto":
+        return cfg.compute_dtype
+    return "bfloat16" if (platform or jax.default_backend()) in ("gpu", "tpu") else "float32"
+
+
 def compute_dtype(cfg: ModelConfig) -> jnp.dtype:
-    """The activation dtype: bf16 on accelerators, float32 on CPU, unless the config pins it."""
-    if cfg.compute_dtype == "auto":
-        return jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu") else jnp.float32
-    return jnp.dtype(cfg.compute_dtype)
+    return jnp.dtype(compute_dtype_name(cfg))
 
 
 def param(rngs: nnx.Rngs, init, shape: tuple[int, ...], axes: tuple[str, ...]) -> nnx.Param:

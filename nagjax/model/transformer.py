@@ -104,8 +104,8 @@ class Transformer(nnx.Module):
         return [(st.start, stack) for st, stack in zip(taper.stages(self.cfg), self.stages)]
 
     def scan_pieces(self, ctx: StepContext):
-        """(graphdef, stacked params, original block indices, ctx) of each scan: the segments cut
-        by the taper stages (taper=none and no MoD: one scan over all blocks)."""
+        """(graphdef, stacked params, original block indices, (lo, hi) positions in the stack, ctx)
+        of each scan: the segments cut by the taper stages (taper=none and no MoD: one scan)."""
         ids = jnp.asarray(self.cfg.block_index_list)
         pieces = []
         for stack_start, stack in self.block_stacks():
@@ -118,27 +118,36 @@ class Transformer(nnx.Module):
                 params = block_params
                 if (lo, hi) != (stack_start, stack_start + n):
                     params = jax.tree.map(lambda x, a=lo - stack_start, b=hi - stack_start: x[a:b], block_params)
-                pieces.append((graphdef, params, ids[lo:hi], seg_ctx))
+                pieces.append((graphdef, params, ids[lo:hi], (lo, hi), seg_ctx))
         return pieces
 
-    def run_blocks(self, state: State, positions_bt, ctx: StepContext):
-        """Scan the stacked blocks; stats come back stacked as [depth, 2, ...]."""
-        all_stats = []
-        for graphdef, params, block_ids, seg_ctx in self.scan_pieces(ctx):
+    def run_blocks(self, state: State, positions_bt, ctx: StepContext, *, call=None, per_block=None):
+        """Scan the stacked blocks; per-block outputs (stats) come back stacked as [depth, ...].
+
+        `call(block, carry, positions_bt, block_index, ctx, extra) -> (carry, ys)` replaces the
+        block's own forward (e.g. one decoding step against a KV cache), with `extra` the block's
+        slice of `per_block` (a pytree with a leading [depth] axis, e.g. the cache).
+        """
+        outputs = []
+        for graphdef, params, block_ids, (lo, hi), seg_ctx in self.scan_pieces(ctx):
 
             def body(carry, xs, seg_ctx=seg_ctx):
-                params, block_index = xs
+                params, block_index, extra = xs
                 block = nnx.merge(graphdef, params)
-                return block(constrain_stream(carry), positions_bt, block_index, seg_ctx)  # batch-sharded
+                carry = constrain_stream(carry)  # batch-sharded
+                if call is None:
+                    return block(carry, positions_bt, block_index, seg_ctx)
+                return call(block, carry, positions_bt, block_index, seg_ctx, extra)
 
             if self.cfg.remat != "none":
                 body = jax.checkpoint(body, policy=REMAT_POLICIES[self.cfg.remat])
-            xs = (params, block_ids)
-            state, stats = jax.lax.scan(body, state, xs, unroll=min(self.cfg.scan_unroll, len(block_ids)))
-            all_stats.append(stats)
-        if len(all_stats) == 1:
-            return state, all_stats[0]
-        return state, jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *all_stats)
+            extra = None if per_block is None else jax.tree.map(lambda x, a=lo, b=hi: x[a:b], per_block)
+            xs = (params, block_ids, extra)
+            state, ys = jax.lax.scan(body, state, xs, unroll=min(self.cfg.scan_unroll, len(block_ids)))
+            outputs.append(ys)
+        if len(outputs) == 1:
+            return state, outputs[0]
+        return state, jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *outputs)
 
 
 def _block_stack(cfg: ModelConfig, block_ids, rngs: nnx.Rngs) -> nnx.Module:

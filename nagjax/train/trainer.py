@@ -25,6 +25,7 @@ from nagjax import flops, sharding
 from nagjax.config import Config, ConfigError, config_from_dict
 from nagjax.data import pipeline
 from nagjax.data.shards import open_split
+from nagjax.model.layers import compute_dtype_name
 from nagjax.train.checkpoint import CheckpointStore, abstract_like
 from nagjax.train.logging import ScalarWriter, layer_scalars
 from nagjax.train.state import training_state
@@ -56,9 +57,7 @@ def resolve(config: Config) -> Config:
             f"model.vocab_size={model.vocab_size} is smaller than the tokeniser's vocabulary "
             f"({tokenizer.vocab_size}); set model.vocab_size=0 to take it from the tokeniser"
         )
-    if model.compute_dtype == "auto":
-        accel = jax.default_backend() in ("gpu", "tpu")
-        model = dataclasses.replace(model, compute_dtype="bfloat16" if accel else "float32")
+    model = dataclasses.replace(model, compute_dtype=compute_dtype_name(model))
     return config.replace(model=model).validate()
 
 
