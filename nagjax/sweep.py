@@ -79,9 +79,26 @@ def _eval_curve(workdir: Path) -> list[tuple[int, float]]:
     return [(s, r["eval/loss"]) for s, r in sorted(records.items()) if "eval/loss" in r]
 
 
-def run_sweep(sweep: IsoFlopSweep, workdir: str | Path, overrides: tuple[str, ...] = ()) -> list[dict]:
+def train_variant(name: str, config: Config, workdir: Path, summarise, label: str = "sweep") -> dict:
+    """Train one variant under `workdir/name` and return its result; a variant whose
+    `result.json` exists is done and only read back, an unfinished one resumes from its checkpoint.
+    `summarise(run_result)` gives the result dict, written atomically as the done-marker."""
+    from nagjax.train.checkpoint import write_json_atomic
     from nagjax.train.trainer import train
 
+    done = workdir / name / "result.json"
+    if done.exists():
+        print(f"[{label}] {name}: done, skipping", flush=True)
+        return json.loads(done.read_text())
+    out = train(config, workdir / name)
+    if out.interrupted:
+        raise KeyboardInterrupt(f"{label} interrupted in {name}; rerun to resume")
+    result = summarise(out)
+    write_json_atomic(done, result)
+    return result
+
+
+def run_sweep(sweep: IsoFlopSweep, workdir: str | Path, overrides: tuple[str, ...] = ()) -> list[dict]:
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     runs = plan(sweep, overrides)
@@ -92,15 +109,7 @@ def run_sweep(sweep: IsoFlopSweep, workdir: str | Path, overrides: tuple[str, ..
     results = []
     for run in runs:
         vdir = workdir / run.variant.name
-        done = vdir / "result.json"
-        if done.exists():
-            print(f"[sweep] {run.variant.name}: done, skipping")
-            results.append(json.loads(done.read_text()))
-            continue
-        out = train(run.config, vdir)
-        if out.interrupted:
-            raise KeyboardInterrupt(f"sweep interrupted in {run.variant.name}; rerun to resume")
-        result = {
+        summarise = lambda out, run=run, vdir=vdir: {
             "variant": run.variant.name,
             "residual": run.config.model.residual,
             "mod_rate": run.config.mod.rate,
@@ -112,10 +121,7 @@ def run_sweep(sweep: IsoFlopSweep, workdir: str | Path, overrides: tuple[str, ..
             "val_bpb": out.val_bpb,
             "curve": [(s, loss, s * run.tokens_per_step * run.flops_per_token) for s, loss in _eval_curve(vdir)],
         }
-        tmp = done.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=2))
-        tmp.replace(done)
-        results.append(result)
+        results.append(train_variant(run.variant.name, run.config, workdir, summarise))
     write_report(sweep, results, workdir)
     return results
 

@@ -40,7 +40,7 @@ class DepthSweep:
 
 
 def run_depth_sweep(sweep: DepthSweep, workdir: str | Path) -> list[dict]:
-    from nagjax.train.trainer import train
+    from nagjax.sweep import train_variant
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -48,20 +48,11 @@ def run_depth_sweep(sweep: DepthSweep, workdir: str | Path) -> list[dict]:
     print(f"[depth-sweep] {len(planned)} variants, {sweep.tokens:,} tokens each -> {workdir}", flush=True)
     results = []
     for name, cfg in planned:
-        vdir = workdir / name
-        done = vdir / "result.json"
-        if done.exists():
-            print(f"[depth-sweep] {name}: done, skipping", flush=True)
-            results.append(json.loads(done.read_text()))
-            continue
-        out = train(cfg, vdir)
-        if out.interrupted:
-            raise KeyboardInterrupt(f"depth sweep interrupted in {name}; rerun to resume")
-        result = {"variant": name, "residual": cfg.model.residual, "depth": cfg.model.depth,
-                  "taper": cfg.model.taper, "attnres_block_size": cfg.model.attnres.block_size,
-                  "steps": cfg.train.steps, "val_loss": out.val_loss, "val_bpb": out.val_bpb}
-        done.write_text(json.dumps(result, indent=2))
-        results.append(result)
+        summarise = lambda out, name=name, cfg=cfg: {
+            "variant": name, "residual": cfg.model.residual, "depth": cfg.model.depth,
+            "taper": cfg.model.taper, "attnres_block_size": cfg.model.attnres.block_size,
+            "steps": cfg.train.steps, "val_loss": out.val_loss, "val_bpb": out.val_bpb}
+        results.append(train_variant(name, cfg, workdir, summarise, label="depth-sweep"))
     write_results(results, workdir)
     return results
 

@@ -9,6 +9,7 @@ restored; stale temporaries are removed on the next start.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +93,15 @@ class CheckpointStore:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON through a temporary file and a rename: a reader (a resumed run, a restarted
+    sweep) never sees a half-written file."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)
 
 
 def abstract_like(tree: Any, shardings: Any) -> Any:

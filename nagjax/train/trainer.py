@@ -8,7 +8,6 @@ current step and return cleanly.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import signal
 import subprocess
@@ -26,7 +25,7 @@ from nagjax.config import Config, ConfigError, config_from_dict
 from nagjax.data import pipeline
 from nagjax.data.shards import open_split
 from nagjax.model.layers import compute_dtype_name
-from nagjax.train.checkpoint import CheckpointStore, abstract_like
+from nagjax.train.checkpoint import CheckpointStore, abstract_like, write_json_atomic
 from nagjax.train.logging import ScalarWriter, layer_scalars
 from nagjax.train.state import training_state
 from nagjax.train.step import Steps
@@ -100,12 +99,6 @@ def run_info() -> dict:
     }
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
-
-
 class _StopSignal:
     """Turns SIGTERM/SIGINT into a flag the loop checks after every step."""
 
@@ -148,8 +141,8 @@ class Trainer:
         self.config = requested
         self.resume_step = resume_step
         if jax.process_index() == 0 and not for_eval:  # one writer on a shared filesystem
-            _write_json(self.workdir / "config.json", self.config.to_dict())
-            _write_json(self.workdir / "run_info.json", run_info())
+            write_json_atomic(self.workdir / "config.json", self.config.to_dict())
+            write_json_atomic(self.workdir / "run_info.json", run_info())
 
         cfg = self.config
         self.mesh = sharding.make_mesh(cfg.mesh)
