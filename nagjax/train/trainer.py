@@ -126,7 +126,7 @@ class _StopSignal:
 
 class Trainer:
     """`for_eval=True` opens an existing run without touching its files (no run files written,
-    no checkpoint manager cleanup)."""
+    no checkpoint manager cleanup) and without a training-data iterator."""
 
     def __init__(self, config: Config, workdir: str | Path, *, for_eval: bool = False):
         self.workdir = Path(workdir).absolute()
@@ -152,7 +152,7 @@ class Trainer:
         self.graphdef, self.optimizer, self.lr_fn = spec.graphdef, spec.optimizer, spec.lr_fn
         self.n_params = spec.n_params
         init_state, abstract_state = spec.init, spec.abstract
-        self.data = pipeline.train_iterator(
+        self.data = None if for_eval else pipeline.train_iterator(  # eval reads no training data
             cfg.data, process_index=jax.process_index(), process_count=jax.process_count()
         )
         # Shardings of the whole state from the logical-axis rules (params and optimiser moments
@@ -165,7 +165,8 @@ class Trainer:
             abstract = abstract_like(abstract_state, self.state_shardings)
             restored, data_state, _ = self.store.restore(abstract, resume_step)
             self.state = restored
-            self.data.set_state(data_state)
+            if self.data is not None:
+                self.data.set_state(data_state)
         self.step = resume_step or 0  # the checkpoint's step is its number; state holds no step
         self.flops_per_token = flops.train_flops_per_token(cfg.model, cfg.data.seq_len, mod=cfg.mod)
         self._eval_batches = None
