@@ -179,16 +179,44 @@ class ModConfig:
         _check(self.kept_multiple >= 1, f"{prefix}.kept_multiple", "must be >= 1")
 
 
+def parse_sources(text: str, key: str = "data.sources") -> list[tuple[str, str, float]]:
+    """`[NAME=]DIR:WEIGHT,...` -> [(name, dir, weight)]; the name defaults to DIR's last part."""
+    out = []
+    for item in (i.strip() for i in text.split(",")):
+        name, sep, rest = item.partition("=")
+        if not sep:
+            name, rest = "", item
+        where, colon, weight = rest.rpartition(":")
+        try:
+            w = float(weight)
+        except ValueError:
+            w = -1.0
+        if not colon or not where or not w > 0:
+            raise ConfigError(f"{key}: item {item!r} is not [NAME=]DIR:WEIGHT with WEIGHT > 0 "
+                              f"(e.g. {key}=shards/prose:0.7,shards/code:0.3)")
+        name = name or where.rstrip("/").split("/")[-1]
+        _check(name.replace("-", "_").replace(".", "_").isidentifier(), key,
+               f"source name {name!r} must be letters, digits, '_', '-' or '.' (set one: NAME=DIR:WEIGHT)")
+        out.append((name, where, w))
+    names = [n for n, _, _ in out]
+    _check(len(set(names)) == len(names), key, f"source names must differ (got {names}); "
+           "name them: NAME=DIR:WEIGHT")
+    return out
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Where tokens come from and how they are batched.
 
     `source="embedded"` uses the corpus shipped in the package (train/validation split built in);
-    any other value is a directory of token shards written by `nagjax data`.
+    any other value is a shard folder written by `nagjax data`. `sources` mixes several instead:
+    `[NAME=]DIR:WEIGHT,...` (DIR a shard folder or `embedded`; the name, default DIR's last part,
+    tags the per-source validation losses `eval/loss/NAME`); see nagjax/data/mixture.py.
     """
 
     source: str = "embedded"
-    tokenizer: str = ""  # SentencePiece .model; "" = the cached tokeniser of the embedded corpus
+    sources: str = ""  # a weighted mixture of shard folders; overrides `source`
+    tokenizer: str = ""  # tokeniser file; "" = the shards' own (or the embedded corpus's)
     vocab_size: int = 4096  # used when the embedded corpus's tokeniser is trained
     seq_len: int = 256
     batch_size: int = 16  # global batch, in sequences
@@ -197,6 +225,10 @@ class DataConfig:
 
     def validate(self, prefix: str = "data") -> None:
         _check(bool(self.source), f"{prefix}.source", "must be 'embedded' or a token-shard directory")
+        if self.sources:
+            parse_sources(self.sources, f"{prefix}.sources")
+            _check(self.source == "embedded", f"{prefix}.sources",
+                   f"set either {prefix}.source or {prefix}.sources, not both")
         _check(self.vocab_size >= 64, f"{prefix}.vocab_size", "must be >= 64")
         _check(self.seq_len >= 2, f"{prefix}.seq_len", "must be >= 2")
         _check(self.batch_size >= 1, f"{prefix}.batch_size", "must be >= 1")
@@ -229,6 +261,9 @@ class OptimConfig:
         _check(self.nag_lr_ratio > 0, f"{prefix}.nag_lr_ratio", "must be > 0")
 
 
+LOGGERS = ("tensorboard", "jsonl", "wandb")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Loop length, evaluation, checkpointing and logging cadence."""
@@ -245,6 +280,15 @@ class TrainConfig:
     # Token losses in chunks of this many tokens, so the batch's float32 logits never exist at once:
     # 0 = auto (chunk only when they would exceed 256 MiB), -1 = never (nagjax/train/loss.py).
     loss_chunk_tokens: int = 0
+    # Where scalars go (comma-separated; nagjax/train/logging.py): tensorboard (logs/events.*),
+    # jsonl (logs/metrics.jsonl, what tests, sweeps and `read_metrics` read), wandb (extra [wandb]).
+    loggers: str = "tensorboard,jsonl"
+    wandb_project: str = "nagjax"
+    wandb_entity: str = ""  # "" = your default W&B entity
+
+    @property
+    def logger_list(self) -> list[str]:
+        return [n.strip() for n in self.loggers.split(",") if n.strip()]
 
     def validate(self, prefix: str = "train") -> None:
         _check(self.steps >= 1, f"{prefix}.steps", "must be >= 1")
@@ -256,6 +300,9 @@ class TrainConfig:
         _check(self.grad_accum >= 1, f"{prefix}.grad_accum", "must be >= 1")
         _check(self.loss_chunk_tokens >= -1, f"{prefix}.loss_chunk_tokens",
                "must be > 0 (tokens per chunk), 0 (auto) or -1 (never chunk)")
+        unknown = [n for n in self.logger_list if n not in LOGGERS]
+        _check(not unknown, f"{prefix}.loggers", f"unknown logger(s) {unknown}; expected a "
+               f"comma-separated list of {', '.join(LOGGERS)} (or empty)")
 
 
 @dataclass(frozen=True)

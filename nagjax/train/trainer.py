@@ -22,8 +22,7 @@ from tqdm.auto import tqdm
 
 from nagjax import flops, sharding
 from nagjax.config import Config, ConfigError, config_from_dict
-from nagjax.data import pipeline
-from nagjax.data.shards import open_split
+from nagjax.data import mixture, pipeline
 from nagjax.model.layers import compute_dtype_name
 from nagjax.train.checkpoint import CheckpointStore, abstract_like, write_json_atomic
 from nagjax.train.logging import ScalarWriter, layer_scalars
@@ -35,7 +34,8 @@ from nagjax.train.step import Steps
 # too: the same function, scheduled differently.
 RESUMABLE_KEYS = ("name", "description", "train.steps", "train.eval_every", "train.eval_batches",
                   "train.checkpoint_every", "train.keep_checkpoints", "train.log_every",
-                  "train.progress_bar", "train.grad_accum", "train.loss_chunk_tokens",
+                  "train.progress_bar", "train.grad_accum", "train.loggers", "train.wandb_project",
+                  "train.wandb_entity", "train.loss_chunk_tokens",
                   "model.remat", "model.scan_unroll", "model.attention",
                   "mesh.data", "mesh.fsdp", "mesh.tensor", "mesh.dcn_data")
 
@@ -51,7 +51,7 @@ class RunResult:
 
 def resolve(config: Config) -> Config:
     """Fill derived values (vocabulary from the tokeniser, concrete compute dtype) and validate."""
-    tokenizer = open_split(config.data, "train").tokenizer
+    tokenizer = mixture.tokenizer_of(config.data)
     model = config.model
     if model.vocab_size == 0:
         model = dataclasses.replace(model, vocab_size=tokenizer.vocab_size)
@@ -176,22 +176,32 @@ class Trainer:
         self._eval_batches = None
 
     # --- evaluation -------------------------------------------------------------------------
-    def evaluate(self, params=None) -> dict[str, float]:
+    def evaluate(self, params=None) -> dict:
+        """Validation loss and bits per byte: {"loss", "bpb", "by_source": {name: {...}}}; for a
+        mixture the top-level values are the weighted means over its sources (mixture.py)."""
         cfg = self.config
         if self._eval_batches is None:
-            self._eval_batches = pipeline.eval_batches(
+            self._eval_batches = pipeline.eval_sets(
                 cfg.data, cfg.train.eval_batches,
                 process_index=jax.process_index(), process_count=jax.process_count(),
             )
-            self._bytes_per_token = pipeline.bytes_per_token(cfg.data, "validation")
         params = self.state["params"] if params is None else params
-        total, count = 0.0, 0.0
-        for batch in self._eval_batches:
-            loss_sum, n = self.steps.eval(params, sharding.global_batch(self.mesh, batch))
-            total += float(loss_sum)
-            count += float(n)
-        loss = total / count
-        return {"loss": loss, "bpb": loss / math.log(2) / self._bytes_per_token}
+        out = {"loss": 0.0, "bpb": 0.0, "by_source": {}}
+        for es in self._eval_batches:
+            total, count = 0.0, 0.0
+            for batch in es.batches:
+                loss_sum, n = self.steps.eval(params, sharding.global_batch(self.mesh, batch))
+                total += float(loss_sum)
+                count += float(n)
+            loss = total / count
+            bpb = loss / math.log(2) / es.bytes_per_token
+            if len(self._eval_batches) == 1:
+                out["loss"], out["bpb"] = loss, bpb
+            else:
+                out["loss"] += es.weight * loss
+                out["bpb"] += es.weight * bpb
+                out["by_source"][es.name] = {"loss": loss, "bpb": bpb}
+        return out
 
     # --- checkpoints ------------------------------------------------------------------------
     def save(self, step: int) -> None:
@@ -243,9 +253,11 @@ class Trainer:
                         raise FloatingPointError(f"loss is {m['loss']} at step {step}; lower optim.lr")
                 if (tc.eval_every and step % tc.eval_every == 0) or done:
                     ev = self.evaluate()
-                    log.write(step, {"eval/loss": ev["loss"], "eval/bpb": ev["bpb"]})
+                    log.write(step, {"eval/loss": ev["loss"], "eval/bpb": ev["bpb"], **{
+                        f"eval/{k}/{name}": v[k] for name, v in ev["by_source"].items() for k in v}})
                     result.val_loss, result.val_bpb = ev["loss"], ev["bpb"]
-                    bar.write(f"[nagjax] step {step}: val loss {ev['loss']:.4f}, {ev['bpb']:.4f} bits/byte")
+                    per = "".join(f"; {n} {v['loss']:.4f}" for n, v in ev["by_source"].items())
+                    bar.write(f"[nagjax] step {step}: val loss {ev['loss']:.4f}, {ev['bpb']:.4f} bits/byte{per}")
                 if (tc.checkpoint_every and step % tc.checkpoint_every == 0) or done or stop.received:
                     self.save(step)
                     log.flush()
