@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nagjax import flops
-from nagjax.config import Config, apply_overrides
+from nagjax.config import Config, ConfigError, apply_overrides
 
 
 @dataclass(frozen=True)
@@ -86,6 +86,9 @@ def train_variant(name: str, config: Config, workdir: Path, summarise, label: st
     from nagjax.train.checkpoint import write_json_atomic
     from nagjax.train.trainer import train
 
+    if "jsonl" not in config.train.logger_list:
+        raise ConfigError(f"train.loggers={config.train.loggers!r}: sweeps read logs/metrics.jsonl; "
+                          "keep jsonl in the list (e.g. train.loggers=tensorboard,jsonl,wandb)")
     done = workdir / name / "result.json"
     if done.exists():
         print(f"[{label}] {name}: done, skipping", flush=True)

@@ -144,9 +144,10 @@ class Trainer:
             requested = check_resume_compatible(saved, requested, self.workdir)
         self.config = requested
         self.resume_step = resume_step
+        self.run_info = run_info()
         if jax.process_index() == 0 and not for_eval:  # one writer on a shared filesystem
             write_json_atomic(self.workdir / "config.json", self.config.to_dict())
-            write_json_atomic(self.workdir / "run_info.json", run_info())
+            write_json_atomic(self.workdir / "run_info.json", self.run_info)
 
         cfg = self.config
         self.mesh = sharding.make_mesh(cfg.mesh)
@@ -212,7 +213,10 @@ class Trainer:
     def run(self) -> RunResult:
         cfg, tc = self.config, self.config.train
         step = self.step
-        log = ScalarWriter(self.workdir / "logs", enabled=jax.process_index() == 0)
+        log = ScalarWriter(self.workdir / "logs", enabled=jax.process_index() == 0, loggers=tc.logger_list,
+                           run={"project": tc.wandb_project, "entity": tc.wandb_entity, "name": cfg.name})
+        if step == 0:
+            log.log_run(cfg.to_dict(), self.run_info)
         tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
         device_kind = jax.devices()[0].device_kind
         if step == 0:
