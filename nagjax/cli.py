@@ -107,6 +107,17 @@ def cmd_data(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from nagjax.export.hf import export_workdir
+
+    config = export_workdir(args.workdir, args.out, args.format, step=args.step)
+    arch = config["architectures"][0]
+    remote = ", trust_remote_code=True" if config["model_type"] == "nagjax" else ""
+    print(f"wrote {args.out}: {arch} (step {config['nagjax']['step']}), model.safetensors, config.json, "
+          f"tokenizer\nload it with: AutoModelForCausalLM.from_pretrained({str(args.out)!r}{remote})")
+    return 0
+
+
 def cmd_compile(args) -> int:
     from nagjax.compile import compile_report
 
@@ -324,6 +335,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="N machines each build one part of the same folder (needs --tokenizer)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("export", help="write a workdir's checkpoint as a Hugging Face transformers folder")
+    p.add_argument("--workdir", "-w", required=True)
+    p.add_argument("--format", default="hf", choices=("hf",), help="hf: safetensors + config.json + tokenizer")
+    p.add_argument("--out", "-o", required=True, help="output folder")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("compile", help="compile the train step for a target topology (no hardware needed); "
                        "print per-device memory and every parameter's sharding")
