@@ -10,7 +10,9 @@ from nagjax.config import ModelConfig
 
 def numpy_tree(params) -> dict:
     """A parameter state (nnx.State or nested dict of arrays) as a nested dict of float32 numpy."""
-    pure = params.to_pure_dict() if hasattr(params, "to_pure_dict") else params
+    from flax import nnx
+
+    pure = nnx.to_pure_dict(params) if isinstance(params, nnx.State) else params
     return jax.tree.map(lambda x: np.asarray(x, np.float32), pure)
 
 
