@@ -243,7 +243,8 @@ def build_shards(
         if not splits["train"]["tokens"]:
             raise _too_few(described, splits["validation"]["documents"])
         meta = base_meta(tk)
-        meta.update(inputs=described, text_field=inputs.text_field, val_fraction=val_fraction,
+        meta.update(inputs=described, dataset_flags=inputs.dataset_flags(),
+                    text_field=inputs.text_field, val_fraction=val_fraction,
                     splits=splits, part={"index": shard_index, "count": num_shards},
                     build={"seconds": round(seconds, 3), "input_bytes": reader_progress.done,
                            "workers": workers})

@@ -18,6 +18,7 @@ interleaving of one shuffled stream per source; batching and process sharding ar
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 
 import grain
@@ -121,13 +122,18 @@ class MixtureWindows:
         return _to_batch([self.windows[int(j)][int(i)] for j, i in pairs_b2])
 
 
+def _tag_source(j: int, i: int) -> tuple[int, int]:
+    """(source, window) pair; a module-level function so Grain worker processes can pickle it."""
+    return j, i
+
+
 def _mixture_dataset(data_cfg, b_local: int, process_index: int, process_count: int):
     opened = mixture.open_sources(data_cfg, "train")
     windows = [WindowSource(split, data_cfg.seq_len) for _, split in opened]
     parts = []
     for j, w in enumerate(windows):
         ds = grain.MapDataset.range(len(w)).shuffle(seed=(data_cfg.shuffle_seed + j) % 2**32)
-        parts.append(ds.repeat(None).map(lambda i, j=j: (j, i)))
+        parts.append(ds.repeat(None).map(functools.partial(_tag_source, j)))
     mixed = grain.MapDataset.mix(parts, [src.weight for src, _ in opened])
     batched = mixed.batch(b_local, drop_remainder=True, batch_fn=np.asarray)
     return batched[process_index::process_count].map(MixtureWindows(windows).gather_batch)

@@ -68,8 +68,10 @@ def token_dtype(vocab_size: int) -> np.dtype:
 def rebuild_command(out_dir: str | os.PathLike, meta: dict | None = None) -> str:
     """The `nagjax data` command that (re)builds `out_dir`, from its recorded inputs if known."""
     meta = meta or {}
-    inputs = " ".join(meta.get("inputs") or ["INPUT..."])
-    cmd = f"nagjax data --input {inputs} --output {out_dir}"
+    recorded = meta.get("inputs") or ["INPUT..."]
+    files = [i for i in recorded if not i.startswith("hf:")]
+    cmd = "nagjax data" + (f" --input {' '.join(files)}" if files else "")
+    cmd += (f" {meta['dataset_flags']}" if meta.get("dataset_flags") else "") + f" --output {out_dir}"
     if "vocab_size" in meta:
         cmd += f" --vocab-size {meta['vocab_size']} --val-fraction {meta.get('val_fraction')}"
     return cmd

@@ -61,6 +61,15 @@ class Inputs:
                        + f"[{self.dataset_split}]")
         return out
 
+    def dataset_flags(self) -> str:
+        """The `nagjax data` flags that name the dataset again ("" without one)."""
+        if not self.dataset:
+            return ""
+        flags = f"--dataset {self.dataset} --dataset-split {self.dataset_split}"
+        flags += f" --dataset-config {self.dataset_config}" if self.dataset_config else ""
+        flags += f" --data-files {' '.join(self.data_files)}" if self.data_files else ""
+        return flags + ("" if self.streaming else " --no-streaming")
+
     def total_bytes(self) -> int | None:
         """Input bytes on disk (the progress bar's total), None when a dataset is streamed."""
         if self.dataset:
