@@ -151,10 +151,11 @@ class DepthRouter(nn.Module):
         self.key_norm = RMSNorm(config.hidden_size, config.norm_eps)
 
     def forward(self, sources):
-        """sources: {slot: [b, t, d]} of the filled slots -> sum_i softmax_i(<q, norm(v_i)>) v_i."""
+        """sources: {slot: [b, t, d]} of the n filled slots -> n * sum_i softmax_i(<q, norm(v_i)>) v_i
+        (the factor n: every consumer is an RMSNorm, so it only divides that norm's eps by n^2)."""
         v = torch.stack([sources[k] for k in sorted(sources)], dim=2)  # [b, t, n, d]
         w = torch.softmax(torch.einsum("btnd,d->btn", self.key_norm(v), self.query), dim=-1)
-        return torch.einsum("btn,btnd->btd", w, v)
+        return torch.einsum("btn,btnd->btd", w, v) * v.shape[2]
 
 
 class AttnResStream(nn.Module):
