@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -69,8 +70,15 @@ def cmd_eval(args) -> int:
     from nagjax.train.trainer import evaluate_workdir
 
     out = evaluate_workdir(args.workdir, eval_batches=args.batches)
-    print(json.dumps(out) if args.json else
-          f"step {out['step']}: validation loss {out['loss']:.4f}, {out['bpb']:.4f} bits/byte")
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    print(f"step {out['step']}: validation loss {out['loss']:.4f}, {out['bpb']:.4f} bits/byte")
+    for name, v in out.get("by_source", {}).items():
+        print(f"  {name}: {v['loss']:.4f}, {v['bpb']:.4f} bits/byte")
+    if "loss_topk" in out:
+        print(f"  (Mixture-of-Depths: causal thresholds, skip rate {out['skip_rate']:.3f}; top-k routing, "
+              f"not causal: {out['loss_topk']:.4f})")
     return 0
 
 
@@ -87,16 +95,39 @@ def cmd_list(args) -> int:
 
 
 def cmd_data(args) -> int:
-    from nagjax.data.shards import run_data_command
+    from nagjax.data.build import run_data_command
+    from nagjax.data.sources import Inputs
     from nagjax.interrupts import Interrupted
 
+    inputs = Inputs(
+        files=tuple(args.input), text_field=args.text_field, encoding_errors=args.encoding_errors,
+        dataset=args.dataset or "", dataset_config=args.dataset_config or "",
+        dataset_split=args.dataset_split, data_files=tuple(args.data_files),
+        streaming=not args.no_streaming,
+    )
+    workers = args.workers if args.workers is not None else min(16, os.cpu_count() or 1)
     try:
         run_data_command(
-            inputs=args.input, output=args.output, tokenizer=args.tokenizer,
-            vocab_size=args.vocab_size, val_fraction=args.val_fraction, text_field=args.text_field,
+            inputs, args.output, tokenizer=args.tokenizer, eos_token=args.eos_token,
+            vocab_size=args.vocab_size, val_fraction=args.val_fraction, workers=workers,
+            shard_index=args.shard_index, num_shards=args.num_shards, progress=not args.no_progress,
         )
-    except Interrupted as e:  # shards are moved into place only when complete
+    except Interrupted as e:  # shards are renamed into place only when complete
         raise e.adding(f"{args.output} left as it was") from None
+    return 0
+
+
+def cmd_export(args) -> int:
+    from nagjax.export.hf import export_workdir
+
+    config = export_workdir(args.workdir, args.out, args.format, step=args.step)
+    arch = config["architectures"][0]
+    remote = ", trust_remote_code=True" if config["model_type"] == "nagjax" else ""
+    print(f"wrote {args.out}: {arch} (step {config['nagjax']['step']}), model.safetensors, config.json, "
+          f"tokenizer\nload it with: AutoModelForCausalLM.from_pretrained({str(args.out)!r}{remote})")
+    if config["nagjax"]["mod_rate"] > 0:
+        print(f"nagjax: note: trained with mod.rate={config['nagjax']['mod_rate']:g}; the export runs every "
+              "sublayer (Mixture-of-Depths skipping is not exported)", file=sys.stderr)
     return 0
 
 
@@ -126,13 +157,13 @@ def cmd_sample(args) -> int:
     import numpy as np
 
     from nagjax.analysis.diagnostics import load_run, validation_batches
-    from nagjax.data.shards import open_split
+    from nagjax.data.mixture import tokenizer_of
     from nagjax.infer.sample import generate
     from nagjax.model import mod as modlib
 
     run = load_run(args.workdir)
     cfg = run.config
-    tokenizer = open_split(cfg.data, "train").tokenizer
+    tokenizer = tokenizer_of(cfg.data)
     thresholds, source = None, "dense"
     if modlib.has_skip_signal(cfg.model) and not args.dense:
         if args.mod_rate is not None:
@@ -307,14 +338,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiments-dir", action="append", default=[], metavar="PATH")
     p.set_defaults(func=cmd_list)
 
-    p = sub.add_parser("data", help="build token shards from your own text or JSONL files")
-    p.add_argument("--input", "-i", nargs="+", required=True, help="text (.txt/.gz/.xz) or .jsonl files")
+    p = sub.add_parser("data", help="build token shards from your text, JSONL or Parquet files, or a "
+                       "Hugging Face dataset")
+    p.add_argument("--input", "-i", nargs="+", default=[], metavar="PATH",
+                   help=".txt/.jsonl (optionally .gz/.xz) or .parquet files, or folders of them")
+    p.add_argument("--dataset", default=None, metavar="NAME_OR_PATH",
+                   help="a Hugging Face dataset: hub name, local folder, or a builder (json, parquet, "
+                        "text) with --data-files; read with datasets.load_dataset (needs nagjax[hf])")
+    p.add_argument("--dataset-config", default=None, help="--dataset: configuration (subset) name")
+    p.add_argument("--dataset-split", default="train", help="--dataset: split to read (default: train)")
+    p.add_argument("--data-files", nargs="+", default=[], metavar="GLOB", help="--dataset: data_files")
+    p.add_argument("--no-streaming", action="store_true",
+                   help="--dataset: download and cache it whole first (default: stream it)")
     p.add_argument("--output", "-o", required=True, help="shard folder to write (use as data.source=DIR)")
-    p.add_argument("--tokenizer", default=None, help="SentencePiece .model (default: train one on the input)")
+    p.add_argument("--tokenizer", default=None,
+                   help="SentencePiece .model, Hugging Face tokenizer.json (file, folder or hub name); "
+                        "default: train a SentencePiece BPE on the input")
+    p.add_argument("--eos-token", default=None,
+                   help="tokenizer.json: the token that ends a document (default: from "
+                        "tokenizer_config.json, or </s>, <|endoftext|>, ...)")
     p.add_argument("--vocab-size", type=int, default=4096, help="vocabulary when training a tokeniser")
-    p.add_argument("--val-fraction", type=float, default=0.01, help="share of the text held out for validation")
-    p.add_argument("--text-field", default="text", help="JSONL field that holds the text")
+    p.add_argument("--val-fraction", type=float, default=0.01, help="share of the documents held out for validation")
+    p.add_argument("--text-field", default="text", help="JSONL field / Parquet or dataset column that holds the text")
+    p.add_argument("--encoding-errors", default="strict", choices=("strict", "replace", "ignore"),
+                   help="text/JSONL bytes that are not UTF-8: stop (strict), U+FFFD (replace) or drop (ignore)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="tokeniser processes (default: the CPU count, at most 16; 0 = this process)")
+    p.add_argument("--shard-index", type=int, default=0, help="this machine's part, 0..N-1 (with --num-shards)")
+    p.add_argument("--num-shards", type=int, default=1,
+                   help="N machines each build one part of the same folder (needs --tokenizer)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("export", help="write a workdir's checkpoint as a Hugging Face transformers folder")
+    p.add_argument("--workdir", "-w", required=True)
+    p.add_argument("--format", default="hf", choices=("hf",), help="hf: safetensors + config.json + tokenizer")
+    p.add_argument("--out", "-o", required=True, help="output folder")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("compile", help="compile the train step for a target topology (no hardware needed); "
                        "print per-device memory and every parameter's sharding")

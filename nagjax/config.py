@@ -187,16 +187,44 @@ class ModConfig:
         _check(self.kept_multiple >= 1, f"{prefix}.kept_multiple", "must be >= 1")
 
 
+def parse_sources(text: str, key: str = "data.sources") -> list[tuple[str, str, float]]:
+    """`[NAME=]DIR:WEIGHT,...` -> [(name, dir, weight)]; the name defaults to DIR's last part."""
+    out = []
+    for item in (i.strip() for i in text.split(",")):
+        name, sep, rest = item.partition("=")
+        if not sep:
+            name, rest = "", item
+        where, colon, weight = rest.rpartition(":")
+        try:
+            w = float(weight)
+        except ValueError:
+            w = -1.0
+        if not colon or not where or not w > 0:
+            raise ConfigError(f"{key}: item {item!r} is not [NAME=]DIR:WEIGHT with WEIGHT > 0 "
+                              f"(e.g. {key}=shards/prose:0.7,shards/code:0.3)")
+        name = name or where.rstrip("/").split("/")[-1]
+        _check(name.replace("-", "_").replace(".", "_").isidentifier(), key,
+               f"source name {name!r} must be letters, digits, '_', '-' or '.' (set one: NAME=DIR:WEIGHT)")
+        out.append((name, where, w))
+    names = [n for n, _, _ in out]
+    _check(len(set(names)) == len(names), key, f"source names must differ (got {names}); "
+           "name them: NAME=DIR:WEIGHT")
+    return out
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Where tokens come from and how they are batched.
 
     `source="embedded"` uses the corpus shipped in the package (train/validation split built in);
-    any other value is a directory of token shards written by `nagjax data`.
+    any other value is a shard folder written by `nagjax data`. `sources` mixes several instead:
+    `[NAME=]DIR:WEIGHT,...` (DIR a shard folder or `embedded`; the name, default DIR's last part,
+    tags the per-source validation losses `eval/loss/NAME`); see nagjax/data/mixture.py.
     """
 
     source: str = "embedded"
-    tokenizer: str = ""  # SentencePiece .model; "" = the cached tokeniser of the embedded corpus
+    sources: str = ""  # a weighted mixture of shard folders; overrides `source`
+    tokenizer: str = ""  # tokeniser file; "" = the shards' own (or the embedded corpus's)
     vocab_size: int = 4096  # used when the embedded corpus's tokeniser is trained
     seq_len: int = 256
     batch_size: int = 16  # global batch, in sequences
@@ -205,6 +233,10 @@ class DataConfig:
 
     def validate(self, prefix: str = "data") -> None:
         _check(bool(self.source), f"{prefix}.source", "must be 'embedded' or a token-shard directory")
+        if self.sources:
+            parse_sources(self.sources, f"{prefix}.sources")
+            _check(self.source == "embedded", f"{prefix}.sources",
+                   f"set either {prefix}.source or {prefix}.sources, not both")
         _check(self.vocab_size >= 64, f"{prefix}.vocab_size", "must be >= 64")
         _check(self.seq_len >= 2, f"{prefix}.seq_len", "must be >= 2")
         _check(self.batch_size >= 1, f"{prefix}.batch_size", "must be >= 1")
@@ -237,6 +269,9 @@ class OptimConfig:
         _check(self.nag_lr_ratio > 0, f"{prefix}.nag_lr_ratio", "must be > 0")
 
 
+LOGGERS = ("tensorboard", "jsonl", "wandb")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Loop length, evaluation, checkpointing and logging cadence, and what a long run does when a
@@ -261,6 +296,15 @@ class TrainConfig:
     skip_batches_on_rollback: int = 0  # batches dropped after a rollback (besides the bad ones)
     spike_factor: float = 0.0  # a loss above this x its running mean is bad; 0 = off
     strict_resume: bool = False  # a latest checkpoint that fails to restore stops the run (no fallback)
+    # Where scalars go (comma-separated; nagjax/train/logging.py): tensorboard (logs/events.*),
+    # jsonl (logs/metrics.jsonl, what tests, sweeps and `read_metrics` read), wandb (extra [wandb]).
+    loggers: str = "tensorboard,jsonl"
+    wandb_project: str = "nagjax"
+    wandb_entity: str = ""  # "" = your default W&B entity
+
+    @property
+    def logger_list(self) -> list[str]:
+        return [n.strip() for n in self.loggers.split(",") if n.strip()]
 
     def validate(self, prefix: str = "train") -> None:
         _check(self.steps >= 1, f"{prefix}.steps", "must be >= 1")
@@ -279,6 +323,9 @@ class TrainConfig:
         _check(self.skip_batches_on_rollback >= 0, f"{prefix}.skip_batches_on_rollback", "must be >= 0")
         _check(self.spike_factor == 0 or self.spike_factor > 1, f"{prefix}.spike_factor",
                "must be 0 (off) or > 1 (a multiple of the running mean loss)")
+        unknown = [n for n in self.logger_list if n not in LOGGERS]
+        _check(not unknown, f"{prefix}.loggers", f"unknown logger(s) {unknown}; expected a "
+               f"comma-separated list of {', '.join(LOGGERS)} (or empty)")
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nagjax import flops
-from nagjax.config import Config, apply_overrides
+from nagjax.config import Config, ConfigError, apply_overrides
 
 
 @dataclass(frozen=True)
@@ -130,6 +130,9 @@ def train_run(run: PlannedRun, workdir: Path, label: str = "sweep") -> dict:
     from nagjax.train.checkpoint import write_json_atomic
     from nagjax.train.trainer import train
 
+    if "jsonl" not in run.config.train.logger_list:
+        raise ConfigError(f"train.loggers={run.config.train.loggers!r}: sweeps read logs/metrics.jsonl; "
+                          "keep jsonl in the list (e.g. train.loggers=tensorboard,jsonl,wandb)")
     done = workdir / run.name / "result.json"
     if done.exists():
         print(f"[{label}] {run.name}: done, skipping", flush=True)

@@ -21,6 +21,20 @@ TINY_RUN = (
 )
 
 
+def make_hf_tokenizer(texts, path, vocab_size: int = 600):
+    """Train a tiny byte-level BPE with `tokenizers` (offline) and save it as tokenizer.json."""
+    tokenizers = pytest.importorskip("tokenizers")
+    tk = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tk.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator(texts, trainer)
+    tk.save(str(path))
+    return path
+
+
 def make_tiny_model(**changes) -> ModelConfig:
     return ModelConfig(**{**TINY_MODEL, **changes})
 

@@ -11,6 +11,8 @@ import shutil
 import numpy as np
 import pytest
 
+from nagjax.data.build import is_validation
+
 from nagjax.config import DataConfig
 from nagjax.data import (
     DataError,
@@ -24,7 +26,8 @@ from nagjax.data import (
     load_tokenizer,
     open_split,
     pipeline,
-    shards,
+    Inputs,
+    run_data_command,
     train_iterator,
     train_tokenizer,
 )
@@ -156,8 +159,8 @@ def test_build_shards_from_txt_and_jsonl(shard_dir, tiny_inputs):
     assert meta["format"] == "nagjax-token-shards" and meta["dtype"] == "uint16"
     assert meta["vocab_size"] == 512 and meta["inputs"] == inputs
     tk = load_tokenizer(shard_dir / "tokenizer.model")
-    val_idx = shards._validation_indices(len(docs), 0.1)
-    assert len(val_idx) == 4
+    val_idx = {i for i in range(len(docs)) if is_validation(i, 0.1)}
+    assert val_idx == {0, 10, 20, 30}
     expected = {
         "train": [d for i, d in enumerate(docs) if i not in val_idx],
         "validation": [d for i, d in enumerate(docs) if i in val_idx],
@@ -180,8 +183,9 @@ def test_build_shards_from_txt_and_jsonl(shard_dir, tiny_inputs):
 def test_build_shards_with_given_tokenizer_and_cli_summary(tiny_inputs, tmp_path, capsys):
     tk = embedded_tokenizer(4096)
     out = tmp_path / "given"
-    meta = shards.run_data_command(
-        [tiny_inputs[0][0]], str(out), tokenizer=str(tk.path), vocab_size=999, val_fraction=0.2
+    meta = run_data_command(
+        Inputs(files=(tiny_inputs[0][0],)), str(out), tokenizer=str(tk.path), vocab_size=999,
+        val_fraction=0.2,
     )
     assert meta["vocab_size"] == 4096 and meta["splits"]["validation"]["documents"] == 2
     assert (out / "tokenizer.model").read_bytes() == tk.path.read_bytes()

@@ -1,24 +1,24 @@
-"""Data layer: embedded corpus, SentencePiece tokeniser, token shards and Grain batch pipeline."""
+"""Data layer: embedded corpus, input readers, tokenisers, token shards and the Grain pipeline.
 
-from nagjax.data.corpus import DataError, cache_dir, embedded_documents, embedded_text
-from nagjax.data.pipeline import bytes_per_token, eval_batches, train_iterator
-from nagjax.data.shards import TokenSplit, build_shards, open_split, run_data_command
-from nagjax.data.tokenizer import Tokenizer, embedded_tokenizer, load_tokenizer, train_tokenizer
+Names are imported on first use (PEP 562), so a `nagjax data` worker process that only tokenises
+does not import Grain or JAX.
+"""
 
-__all__ = [
-    "DataError",
-    "TokenSplit",
-    "Tokenizer",
-    "build_shards",
-    "bytes_per_token",
-    "cache_dir",
-    "embedded_documents",
-    "embedded_text",
-    "embedded_tokenizer",
-    "eval_batches",
-    "load_tokenizer",
-    "open_split",
-    "run_data_command",
-    "train_iterator",
-    "train_tokenizer",
-]
+import importlib
+
+_HOMES = {
+    "build_shards": "build", "run_data_command": "build",
+    "DataError": "corpus", "cache_dir": "corpus", "embedded_documents": "corpus", "embedded_text": "corpus",
+    "bytes_per_token": "pipeline", "eval_batches": "pipeline", "train_iterator": "pipeline",
+    "TokenSplit": "shards", "open_split": "shards",
+    "Inputs": "sources",
+    "HFTokenizer": "tokenizer", "SentencePieceTokenizer": "tokenizer", "Tokenizer": "tokenizer",
+    "embedded_tokenizer": "tokenizer", "load_tokenizer": "tokenizer", "train_tokenizer": "tokenizer",
+}
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name):
+    if name in _HOMES:
+        return getattr(importlib.import_module(f"nagjax.data.{_HOMES[name]}"), name)
+    raise AttributeError(f"module 'nagjax.data' has no attribute {name!r}")

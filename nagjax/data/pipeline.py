@@ -10,15 +10,21 @@ Training order: a Grain index shuffle of the windows, reseeded every epoch from 
 repeated forever, grouped into global batches of `batch_size` windows. Process p of P reads only
 rows [p*b, (p+1)*b) of each global batch (b = batch_size // P), so the processes' local batches,
 concatenated in process order, are exactly the single-process batch.
+
+A mixture (`data.sources`, mixture.py) replaces the one shuffled index stream by Grain's weighted
+interleaving of one shuffled stream per source; batching and process sharding are the same.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Sequence
 
 import grain
 import numpy as np
 
+from nagjax.data import mixture
 from nagjax.data.shards import DataError, TokenSplit, open_split
 
 
@@ -90,8 +96,10 @@ def local_batch_size(data_cfg, process_index: int, process_count: int) -> int:
 
 
 def corpus_passes(data_cfg, steps: int) -> float:
-    """How many times `steps` global batches read the train split (windows of seq_len + 1)."""
-    return steps * data_cfg.batch_size / len(WindowSource(open_split(data_cfg, "train"), data_cfg.seq_len))
+    """How many times `steps` global batches read the train split (windows of seq_len + 1); for
+    a mixture, the most-repeated source (each source gets its weight's share of the windows)."""
+    return max(steps * data_cfg.batch_size * src.weight / len(WindowSource(split, data_cfg.seq_len))
+               for src, split in mixture.open_sources(data_cfg, "train"))
 
 
 def train_dataset(data_cfg, *, process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
@@ -101,12 +109,41 @@ def train_dataset(data_cfg, *, process_index: int = 0, process_count: int = 1) -
     vectorised gather, which keeps a batch well under a millisecond.
     """
     b_local = local_batch_size(data_cfg, process_index, process_count)
+    if mixture.is_mixture(data_cfg):
+        return _mixture_dataset(data_cfg, b_local, process_index, process_count)
     source = WindowSource(open_split(data_cfg, "train"), data_cfg.seq_len)
     ds = (
         grain.MapDataset.range(len(source)).shuffle(seed=data_cfg.shuffle_seed % 2**32).repeat(None)
     )
     ds = ds.batch(b_local, drop_remainder=True, batch_fn=np.asarray)[process_index::process_count]
     return ds.map(source.gather_batch)
+
+
+class MixtureWindows:
+    """Windows of several sources, addressed by (source, window) index pairs."""
+
+    def __init__(self, windows: list[WindowSource]):
+        self.windows = windows
+
+    def gather_batch(self, pairs_b2: np.ndarray) -> dict[str, np.ndarray]:
+        return _to_batch([self.windows[int(j)][int(i)] for j, i in pairs_b2])
+
+
+def _tag_source(j: int, i: int) -> tuple[int, int]:
+    """(source, window) pair; a module-level function so Grain worker processes can pickle it."""
+    return j, i
+
+
+def _mixture_dataset(data_cfg, b_local: int, process_index: int, process_count: int):
+    opened = mixture.open_sources(data_cfg, "train")
+    windows = [WindowSource(split, data_cfg.seq_len) for _, split in opened]
+    parts = []
+    for j, w in enumerate(windows):
+        ds = grain.MapDataset.range(len(w)).shuffle(seed=(data_cfg.shuffle_seed + j) % 2**32)
+        parts.append(ds.repeat(None).map(functools.partial(_tag_source, j)))
+    mixed = grain.MapDataset.mix(parts, [src.weight for src, _ in opened])
+    batched = mixed.batch(b_local, drop_remainder=True, batch_fn=np.asarray)
+    return batched[process_index::process_count].map(MixtureWindows(windows).gather_batch)
 
 
 def train_iterator(data_cfg, *, process_index: int = 0, process_count: int = 1):
@@ -136,16 +173,40 @@ def _ensure_absl_flags_parsed() -> None:
 def eval_batches(
     data_cfg, n_batches: int, *, process_index: int = 0, process_count: int = 1
 ) -> list[dict[str, np.ndarray]]:
-    """The first n_batches global batches of validation windows in order (wrapping around)."""
+    """The first n_batches global batches of validation windows in order (wrapping around); for
+    a mixture, the sources' batches taken in turn (what analysis tools read)."""
+    sets = eval_sets(data_cfg, n_batches, process_index=process_index, process_count=process_count)
+    if len(sets) == 1:
+        return sets[0].batches
+    return [sets[k % len(sets)].batches[k // len(sets)] for k in range(n_batches)]
+
+
+@dataclasses.dataclass
+class EvalSet:
+    """One source's validation batches, its weight in the mixture and its bytes per token."""
+
+    name: str  # "" for a config without data.sources
+    weight: float
+    batches: list[dict[str, np.ndarray]]
+    bytes_per_token: float
+
+
+def eval_sets(data_cfg, n_batches: int, *, process_index: int = 0,
+              process_count: int = 1) -> list[EvalSet]:
+    """Per source: the first n_batches global batches of its validation windows, in order."""
     b_local = local_batch_size(data_cfg, process_index, process_count)
-    source = WindowSource(open_split(data_cfg, "validation"), data_cfg.seq_len)
     out = []
-    for k in range(n_batches):
-        first = k * data_cfg.batch_size + process_index * b_local
-        out.append(source.gather_batch(np.arange(first, first + b_local)))
+    for src, split in mixture.open_sources(data_cfg, "validation"):
+        source = WindowSource(split, data_cfg.seq_len)
+        batches = []
+        for k in range(n_batches):
+            first = k * data_cfg.batch_size + process_index * b_local
+            batches.append(source.gather_batch(np.arange(first, first + b_local)))
+        out.append(EvalSet(src.name, src.weight, batches, split.bytes_per_token))
     return out
 
 
 def bytes_per_token(data_cfg, split: str = "validation") -> float:
-    """UTF-8 bytes of raw text per token (eos included): bits/byte = loss_nats / ln2 / this."""
-    return open_split(data_cfg, split).bytes_per_token
+    """UTF-8 bytes of raw text per token (eos included): bits/byte = loss_nats / ln2 / this.
+    For a mixture, the weighted mean over its sources."""
+    return sum(src.weight * ts.bytes_per_token for src, ts in mixture.open_sources(data_cfg, split))

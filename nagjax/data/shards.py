@@ -1,45 +1,39 @@
 """Token shards: text tokenised once into flat on-disk arrays, so iteration never tokenises.
 
-Layout of a shard directory (written by `build_shards` / `nagjax data`):
+Layout of a shard folder (written by `nagjax data`, build.py):
 
-    DIR/meta.json             format, version, vocab_size, dtype, eos_id, inputs, per-split stats
-    DIR/tokenizer.model       the SentencePiece model that produced the tokens (a copy)
+    DIR/meta.json             format, version, tokenizer (file, kind, sha256, eos), vocab_size,
+                              dtype, inputs, per-split stats
+    DIR/tokenizer.model       the tokeniser that produced the tokens (a copy): SentencePiece
+      or DIR/tokenizer.json   .model or Hugging Face tokenizer.json
     DIR/train-00000.bin       raw little-endian uint16 (vocab <= 65536) or uint32 token ids;
     DIR/validation-00000.bin  documents concatenated, each followed by eos
 
 Per split, meta.json records its files (name, tokens), the token count and the UTF-8 byte count
 of the raw document text (eos excluded), which turns a per-token loss into bits per byte.
+
+A folder built by N machines (`--num-shards N`) holds instead `DIR/part-0000I-of-0000N/`, each a
+shard folder as above; it is read as one once all N parts are complete (in part order), and an
+incomplete one is an error naming the missing parts.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 import os
 import pathlib
 import shutil
 import sys
-from collections.abc import Iterable, Iterator
 
 import numpy as np
 
 from nagjax.data import tokenizer as tok
-from nagjax.data.corpus import (
-    DataError,
-    cache_dir,
-    corpus_id,
-    embedded_documents,
-    expand_inputs,
-    file_lock,
-    read_documents,
-)
+from nagjax.data.corpus import DataError, cache_dir, corpus_id, embedded_documents, file_lock
 
 FORMAT = "nagjax-token-shards"
 VERSION = 1
 SPLITS = ("train", "validation")
-SHARD_TOKENS = 1 << 28  # tokens per .bin file before rolling over to the next one
-ENCODE_CHUNK_BYTES = 8 << 20  # text encoded per C++ call
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,66 +68,25 @@ def token_dtype(vocab_size: int) -> np.dtype:
 def rebuild_command(out_dir: str | os.PathLike, meta: dict | None = None) -> str:
     """The `nagjax data` command that (re)builds `out_dir`, from its recorded inputs if known."""
     meta = meta or {}
-    inputs = " ".join(meta.get("inputs") or ["INPUT..."])
-    cmd = f"nagjax data --input {inputs} --output {out_dir}"
+    recorded = meta.get("inputs") or ["INPUT..."]
+    files = [i for i in recorded if not i.startswith("hf:")]
+    cmd = "nagjax data" + (f" --input {' '.join(files)}" if files else "")
+    cmd += (f" {meta['dataset_flags']}" if meta.get("dataset_flags") else "") + f" --output {out_dir}"
     if "vocab_size" in meta:
         cmd += f" --vocab-size {meta['vocab_size']} --val-fraction {meta.get('val_fraction')}"
     return cmd
 
 
 # ---------------------------------------------------------------------------------------------
-# Writing
+# Writing helpers (the builder is build.py)
 # ---------------------------------------------------------------------------------------------
 
 
-def _validation_indices(n_docs: int, val_fraction: float) -> set[int]:
-    """max(1, round(n * f)) documents spread evenly over the input order (deterministic)."""
-    k = max(1, round(n_docs * val_fraction))
-    return {i for i in range(n_docs) if (i + 1) * k // n_docs > i * k // n_docs}
+def part_name(index: int, count: int) -> str:
+    return f"part-{index:05d}-of-{count:05d}"
 
 
-def _write_splits(
-    tmp_dir: pathlib.Path, labelled_docs: Iterable[tuple[str, str]], tokenizer: tok.Tokenizer
-) -> dict:
-    """Tokenise (split, document) pairs into rolling .bin files; returns the per-split meta."""
-    dtype = token_dtype(tokenizer.vocab_size)
-    stats = {s: {"files": [], "tokens": 0, "bytes": 0, "documents": 0} for s in SPLITS}
-    pending: dict[str, list[str]] = {s: [] for s in SPLITS}
-    pending_bytes = dict.fromkeys(SPLITS, 0)
-
-    def flush(split: str) -> None:
-        docs, st = pending[split], stats[split]
-        if not docs:
-            return
-        ids = tokenizer.encode_batch(docs, add_eos=True)
-        flat_t = np.fromiter(
-            itertools.chain.from_iterable(ids), dtype=dtype, count=sum(map(len, ids))
-        )
-        if not st["files"] or st["files"][-1]["tokens"] >= SHARD_TOKENS:
-            st["files"].append({"name": f"{split}-{len(st['files']):05d}.bin", "tokens": 0})
-        with open(tmp_dir / st["files"][-1]["name"], "ab") as f:
-            f.write(flat_t.tobytes())
-        st["files"][-1]["tokens"] += len(flat_t)
-        st["tokens"] += len(flat_t)
-        pending[split], pending_bytes[split] = [], 0
-
-    for split, doc in labelled_docs:
-        n = len(doc.encode("utf-8"))
-        stats[split]["bytes"] += n
-        stats[split]["documents"] += 1
-        pending[split].append(doc)
-        pending_bytes[split] += n
-        if pending_bytes[split] >= ENCODE_CHUNK_BYTES:
-            flush(split)
-    for split in SPLITS:
-        flush(split)
-    for split in SPLITS:
-        if not stats[split]["tokens"]:
-            raise DataError(f"split {split!r} came out empty; give more documents")
-    return stats
-
-
-def _finish(tmp_dir: pathlib.Path, out_dir: pathlib.Path, meta: dict) -> None:
+def finish_dir(tmp_dir: pathlib.Path, out_dir: pathlib.Path, meta: dict) -> None:
     """Write meta.json last, then move the finished directory into place (replacing an old one)."""
     (tmp_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     if out_dir.exists():
@@ -145,7 +98,7 @@ def _finish(tmp_dir: pathlib.Path, out_dir: pathlib.Path, meta: dict) -> None:
         os.replace(tmp_dir, out_dir)
 
 
-def _tmp_dir(out_dir: pathlib.Path) -> pathlib.Path:
+def tmp_dir(out_dir: pathlib.Path) -> pathlib.Path:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -153,107 +106,19 @@ def _tmp_dir(out_dir: pathlib.Path) -> pathlib.Path:
     return tmp
 
 
-def _base_meta(tokenizer: tok.Tokenizer) -> dict:
+def base_meta(tokenizer: tok.Tokenizer) -> dict:
     return {
         "format": FORMAT,
         "version": VERSION,
-        "tokenizer": "tokenizer.model",
+        "tokenizer": tokenizer.filename,
+        "tokenizer_kind": tokenizer.kind,
         "tokenizer_sha256": tokenizer.sha256(),
         "vocab_size": tokenizer.vocab_size,
         "eos_id": tokenizer.eos_id,
+        "eos_token": tokenizer.eos_token,
         "dtype": token_dtype(tokenizer.vocab_size).name,
         "byte_order": "little",
     }
-
-
-def build_shards(
-    inputs: list[str],
-    out_dir: str | os.PathLike,
-    *,
-    tokenizer: str | None = None,
-    vocab_size: int = 4096,
-    val_fraction: float = 0.01,
-    text_field: str = "text",
-) -> dict:
-    """Tokenise text/JSONL files (.gz/.xz ok; directories expand) into a shard directory.
-
-    Every document is assigned to train or validation by its position (an evenly spaced
-    `val_fraction` of them, at least one, go to validation). Without `tokenizer`, a BPE model with
-    `vocab_size` pieces is trained on the train documents. Built in a temp dir and renamed into
-    place, so `out_dir` is either the old complete directory or the new one. Returns meta.json.
-    """
-    if not 0 < val_fraction < 1:
-        raise DataError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    out_dir = pathlib.Path(out_dir).expanduser()
-    files = expand_inputs(inputs)
-
-    def docs() -> Iterator[str]:
-        for f in files:
-            yield from read_documents(f, text_field)
-
-    n_docs = sum(1 for _ in docs())
-    if n_docs < 2:
-        raise DataError(
-            f"inputs {[str(f) for f in files]} hold {n_docs} document(s); need >= 2 to "
-            "hold out validation (separate documents by two blank lines, or use JSONL)"
-        )
-    val_idx = _validation_indices(n_docs, val_fraction)
-
-    def labelled() -> Iterator[tuple[str, str]]:
-        for i, d in enumerate(docs()):
-            yield ("validation" if i in val_idx else "train"), d
-
-    tmp = _tmp_dir(out_dir)
-    try:
-        model_path = tmp / "tokenizer.model"
-        if tokenizer:
-            tk = tok.copy_tokenizer(tok.load_tokenizer(tokenizer), model_path)
-        else:
-            train_docs = (d for s, d in labelled() if s == "train")
-            tk = tok.train_tokenizer(train_docs, model_path, vocab_size, files=False)
-        meta = _base_meta(tk)
-        meta.update(
-            inputs=[str(f) for f in files],
-            text_field=text_field,
-            val_fraction=val_fraction,
-            splits=_write_splits(tmp, labelled(), tk),
-        )
-        _finish(tmp, out_dir, meta)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return meta
-
-
-def run_data_command(
-    inputs: list[str],
-    output: str,
-    tokenizer: str | None = None,
-    vocab_size: int = 4096,
-    val_fraction: float = 0.01,
-    text_field: str = "text",
-) -> dict:
-    """`nagjax data`: build shards and print a short summary (what the CLI calls)."""
-    meta = build_shards(
-        inputs,
-        output,
-        tokenizer=tokenizer or None,
-        vocab_size=vocab_size,
-        val_fraction=val_fraction,
-        text_field=text_field,
-    )
-    print(
-        f"wrote {output}: {len(meta['inputs'])} input file(s), vocab_size={meta['vocab_size']}, "
-        f"dtype={meta['dtype']}"
-    )
-    for split in SPLITS:
-        s = meta["splits"][split]
-        print(
-            f"  {split:<10} {s['documents']:>9,} docs {s['tokens']:>13,} tokens "
-            f"{s['bytes']:>14,} bytes  ({s['bytes'] / s['tokens']:.2f} bytes/token)"
-        )
-    print(f"use it with: data.source={output}")
-    return meta
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,15 +151,39 @@ def read_meta(directory: str | os.PathLike) -> dict:
     return meta
 
 
-def open_shards(directory: str | os.PathLike, split: str, tokenizer: str = "") -> TokenSplit:
-    """Open and validate one split of a shard directory (`tokenizer`, if set, must be its model)."""
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    d = pathlib.Path(directory).expanduser()
+def part_dirs(directory: pathlib.Path) -> list[pathlib.Path] | None:
+    """The part folders of a multi-part shard folder in order (None: not one); DataError naming
+    the missing or unfinished parts."""
+    if (directory / "meta.json").exists() or not directory.is_dir():
+        return None
+    found = {}
+    for p in directory.glob("part-*-of-*"):
+        try:
+            index, count = (int(x) for x in p.name[len("part-"):].split("-of-"))
+        except ValueError:
+            continue
+        found.setdefault(count, {})[index] = p
+    if not found:
+        return None
+    if len(found) > 1:
+        raise DataError(f"{directory} mixes parts of builds with different --num-shards "
+                        f"({sorted(found)}); remove the stale ones")
+    count, parts = next(iter(found.items()))
+    missing = [i for i in range(count) if i not in parts or not (parts[i] / "meta.json").is_file()]
+    if missing:
+        raise DataError(
+            f"{directory} is a {count}-part shard folder with part(s) {missing} missing or "
+            f"unfinished; build each with `nagjax data ... --output {directory} --tokenizer TOK "
+            f"--shard-index I --num-shards {count}`"
+        )
+    return [parts[i] for i in range(count)]
+
+
+def _open_part(d: pathlib.Path, split: str, tokenizer: str):
     meta = read_meta(d)
     hint = f"rebuild with {rebuild_command(d, meta)}"
     try:
-        tk = tok.load_tokenizer(d / meta["tokenizer"])
+        tk = tok.load_tokenizer(d / meta["tokenizer"], eos_token=meta.get("eos_token"))
         if tk.vocab_size != meta["vocab_size"] or tk.sha256() != meta["tokenizer_sha256"]:
             raise DataError(
                 f"{tk.path} (vocab_size {tk.vocab_size}) is not the tokenizer recorded in "
@@ -320,13 +209,36 @@ def open_shards(directory: str | os.PathLike, split: str, tokenizer: str = "") -
             arrays.append(np.memmap(path, dtype=dtype, mode="r", shape=(f["tokens"],)))
     except (KeyError, TypeError) as e:
         raise DataError(f"{d / 'meta.json'} lacks field {e}; {hint}") from None
+    return meta, tk, arrays, int(info["bytes"]), int(info["documents"])
+
+
+def open_shards(directory: str | os.PathLike, split: str, tokenizer: str = "") -> TokenSplit:
+    """Open and validate one split of a shard folder (or of all parts of a multi-part one);
+    `tokenizer`, if set, must be the one it was built with."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    d = pathlib.Path(directory).expanduser()
+    parts = part_dirs(d) or [d]
+    arrays, n_bytes, n_docs, tk, first = [], 0, 0, None, None
+    for part in parts:
+        meta, part_tk, part_arrays, b, n = _open_part(part, split, tokenizer)
+        if first is None:
+            first, tk = part, part_tk
+        elif part_tk.sha256() != tk.sha256():
+            raise DataError(f"{part} was built with another tokenizer than {first} "
+                            "(all parts of a shard folder must share one; pass the same --tokenizer)")
+        arrays += part_arrays
+        n_bytes += b
+        n_docs += n
     if not arrays or sum(len(a) for a in arrays) == 0:
-        raise DataError(f"split {split!r} of {d} is empty; {hint}")
-    return TokenSplit(split, d, tuple(arrays), int(info["bytes"]), int(info["documents"]), tk)
+        raise DataError(f"split {split!r} of {d} is empty; rebuild with {rebuild_command(d)}")
+    return TokenSplit(split, d, tuple(arrays), n_bytes, n_docs, tk)
 
 
 def embedded_shards_dir(data_cfg) -> pathlib.Path:
     """Shards of the embedded corpus for this config's tokeniser; built and cached on first use."""
+    from nagjax.data.build import write_splits
+
     tk = (
         tok.load_tokenizer(data_cfg.tokenizer)
         if data_cfg.tokenizer
@@ -341,13 +253,13 @@ def embedded_shards_dir(data_cfg) -> pathlib.Path:
                 return out
             except DataError as e:
                 print(f"nagjax: rebuilding the embedded-corpus cache {out}: {e}", file=sys.stderr)
-        tmp = _tmp_dir(out)
+        tmp = tmp_dir(out)
         try:
-            model = tok.copy_tokenizer(tk, tmp / "tokenizer.model")
+            model = tk.copy_to(tmp)
             labelled = ((s, d) for s in SPLITS for d in embedded_documents(s))
-            meta = _base_meta(model)
-            meta.update(inputs=["embedded"], splits=_write_splits(tmp, labelled, model))
-            _finish(tmp, out, meta)
+            meta = base_meta(model)
+            meta.update(inputs=["embedded"], splits=write_splits(tmp, labelled, model))
+            finish_dir(tmp, out, meta)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -355,7 +267,12 @@ def embedded_shards_dir(data_cfg) -> pathlib.Path:
 
 
 def open_split(data_cfg, split: str) -> TokenSplit:
-    """The tokens of `split` for a DataConfig: the embedded corpus or a shard directory."""
-    if data_cfg.source == "embedded":
+    """The tokens of `split` for a DataConfig with one source: the embedded corpus or a shard
+    folder (a mixture's sources are opened one by one, mixture.py)."""
+    return open_source(data_cfg.source, data_cfg, split)
+
+
+def open_source(source: str, data_cfg, split: str) -> TokenSplit:
+    if source == "embedded":
         return open_shards(embedded_shards_dir(data_cfg), split)
-    return open_shards(data_cfg.source, split, data_cfg.tokenizer)
+    return open_shards(source, split, data_cfg.tokenizer)

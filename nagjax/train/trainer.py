@@ -24,8 +24,7 @@ from tqdm.auto import tqdm
 
 from nagjax import flops, sharding
 from nagjax.config import Config, ConfigError, config_from_dict
-from nagjax.data import pipeline
-from nagjax.data.shards import open_split
+from nagjax.data import mixture, pipeline
 from nagjax.interrupts import Interrupted, StopSignal
 from nagjax.model.layers import compute_dtype_name
 from nagjax.train.checkpoint import CheckpointStore, abstract_like, write_json_atomic
@@ -43,6 +42,7 @@ RESUMABLE_KEYS = ("name", "description", "train.steps", "train.eval_every", "tra
                   "train.progress_bar", "train.grad_accum", "train.loss_chunk_tokens",
                   "train.max_bad_steps", "train.max_rollbacks", "train.skip_batches_on_rollback",
                   "train.spike_factor", "train.strict_resume",
+                  "train.loggers", "train.wandb_project", "train.wandb_entity",
                   "model.remat", "model.scan_unroll", "model.attention",
                   "mesh.data", "mesh.fsdp", "mesh.tensor", "mesh.dcn_data")
 
@@ -58,7 +58,7 @@ class RunResult:
 
 def resolve(config: Config) -> Config:
     """Fill derived values (vocabulary from the tokeniser, concrete compute dtype) and validate."""
-    tokenizer = open_split(config.data, "train").tokenizer
+    tokenizer = mixture.tokenizer_of(config.data)
     model = config.model
     if model.vocab_size == 0:
         model = dataclasses.replace(model, vocab_size=tokenizer.vocab_size)
@@ -149,9 +149,10 @@ class Trainer:
             self.step, (self.state, data_state) = resumed
             if self.data is not None:
                 self.data.set_state(data_state)
+        self.run_info = run_info()
         if jax.process_index() == 0 and not for_eval:  # one writer on a shared filesystem
             write_json_atomic(self.workdir / "config.json", self.config.to_dict())
-            write_json_atomic(self.workdir / "run_info.json", run_info())
+            write_json_atomic(self.workdir / "run_info.json", self.run_info)
         self.flops_per_token = flops.train_flops_per_token(cfg.model, cfg.data.seq_len, mod=cfg.mod)
         self._eval_batches = None
 
@@ -163,33 +164,43 @@ class Trainer:
         return restore_state(self.store, self._abstract, step)
 
     # --- evaluation -------------------------------------------------------------------------
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self) -> dict:
         """Validation loss (causal: a MoD model runs its trained thresholds) and bits per byte;
         for a model that trains with MoD also the top-k loss (a diagnostic: top-k looks at later
-        tokens), the realised skip rate and the executed forward FLOPs per token."""
+        tokens), the realised skip rate and the executed forward FLOPs per token. A mixture
+        (data.sources) adds "by_source": {name: {"loss", "bpb"}}, and its top-level values are
+        the weighted means over the sources (data/mixture.py)."""
         cfg = self.config
         if self._eval_batches is None:
-            self._eval_batches = pipeline.eval_batches(
+            self._eval_batches = pipeline.eval_sets(
                 cfg.data, cfg.train.eval_batches,
                 process_index=jax.process_index(), process_count=jax.process_count(),
             )
-            self._bytes_per_token = pipeline.bytes_per_token(cfg.data, "validation")
-        sums, skip_rates = {"loss_sum": 0.0, "count": 0.0, "loss_topk_sum": 0.0}, []
-        for batch in self._eval_batches:
-            out = jax.device_get(self.steps.eval(self.state["params"], self.state["aux"],
-                                                 sharding.global_batch(self.mesh, batch)))
-            for key in sums:
-                sums[key] += float(out.get(key, 0.0))
-            if "skip_rate" in out:
-                skip_rates.append(np.asarray(out["skip_rate"]))
-        loss = sums["loss_sum"] / sums["count"]
-        result = {"loss": loss, "bpb": loss / math.log(2) / self._bytes_per_token}
+        keys = ("loss_sum", "count", "loss_topk_sum")
+        totals, skip_rates, by_source = dict.fromkeys(keys, 0.0), [], {}
+        for es in self._eval_batches:
+            sums = dict.fromkeys(keys, 0.0)
+            for batch in es.batches:
+                out = jax.device_get(self.steps.eval(self.state["params"], self.state["aux"],
+                                                     sharding.global_batch(self.mesh, batch)))
+                for key in sums:
+                    sums[key] += float(out.get(key, 0.0))
+                if "skip_rate" in out:
+                    skip_rates.append(np.asarray(out["skip_rate"]))
+            loss = sums["loss_sum"] / sums["count"]
+            by_source[es.name] = {"loss": loss, "bpb": loss / math.log(2) / es.bytes_per_token}
+            for key in keys:  # weighted per-token means, so each source counts by its weight
+                totals[key] += es.weight * sums[key] / sums["count"]
+        result = {"loss": sum(es.weight * by_source[es.name]["loss"] for es in self._eval_batches),
+                  "bpb": sum(es.weight * by_source[es.name]["bpb"] for es in self._eval_batches)}
         if skip_rates:
             skip = np.mean(skip_rates, axis=0)  # [depth, 2]; batches have equal sizes
-            result["loss_topk"] = sums["loss_topk_sum"] / sums["count"]
+            result["loss_topk"] = totals["loss_topk_sum"] / totals["count"]
             result["skip_rate"] = float(skip.mean())
             result["forward_flops_per_token"] = flops.forward_breakdown(
                 cfg.model, cfg.data.seq_len, mod=cfg.mod, executed=1.0 - skip).forward
+        if len(self._eval_batches) > 1:
+            result["by_source"] = by_source
         return result
 
     def _warn_if_corpus_repeats(self, limit: float = 4.0) -> None:
@@ -199,8 +210,8 @@ class Trainer:
         epochs = pipeline.corpus_passes(cfg.data, cfg.train.steps)
         if epochs > limit and jax.process_index() == 0:
             print(f"[nagjax] warning: {cfg.train.steps} steps x {cfg.data.batch_size} sequences read the "
-                  f"training corpus ({cfg.data.source}) {epochs:.1f} times; above {limit:g} passes a run "
-                  "mostly memorises it. Use a larger data.source (`nagjax data`, or "
+                  f"training corpus ({cfg.data.sources or cfg.data.source}) {epochs:.1f} times; above {limit:g} "
+                  "passes a run mostly memorises it. Use a larger corpus (`nagjax data`, or "
                   "scripts/build_real_corpus.py) or fewer steps.", file=sys.stderr, flush=True)
 
     # --- checkpoints ------------------------------------------------------------------------
@@ -241,7 +252,10 @@ class Trainer:
     def run(self) -> RunResult:
         cfg, tc = self.config, self.config.train
         step = self.step
-        log = ScalarWriter(self.workdir / "logs", enabled=jax.process_index() == 0)
+        log = ScalarWriter(self.workdir / "logs", enabled=jax.process_index() == 0, loggers=tc.logger_list,
+                           run={"project": tc.wandb_project, "entity": tc.wandb_entity, "name": cfg.name})
+        if step == 0:
+            log.log_run(cfg.to_dict(), self.run_info)
         tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
         device_kind = jax.devices()[0].device_kind
         if step == 0:
@@ -300,11 +314,13 @@ class Trainer:
                     bar.set_postfix(loss=f"{float(m['loss']):.3f}", tok_s=f"{tok_s:,.0f}")
                 if (tc.eval_every and step % tc.eval_every == 0) or done:
                     ev = self.evaluate()
-                    log.write(step, {f"eval/{k}": v for k, v in ev.items()})
+                    log.write(step, {f"eval/{k}": v for k, v in ev.items() if k != "by_source"} | {
+                        f"eval/{k}/{name}": v[k] for name, v in ev.get("by_source", {}).items() for k in v})
                     result.val_loss, result.val_bpb, result.eval = ev["loss"], ev["bpb"], ev
                     topk = (f" (top-k routing, not causal: {ev['loss_topk']:.4f}; skip rate {ev['skip_rate']:.3f})"
                             if "loss_topk" in ev else "")
-                    bar.write(f"[nagjax] step {step}: val loss {ev['loss']:.4f}, {ev['bpb']:.4f} bits/byte{topk}")
+                    per = "".join(f"; {n} {v['loss']:.4f}" for n, v in ev.get("by_source", {}).items())
+                    bar.write(f"[nagjax] step {step}: val loss {ev['loss']:.4f}, {ev['bpb']:.4f} bits/byte{per}{topk}")
                 if save_now or stop.received:
                     # Never a periodic checkpoint inside a bad streak: a rollback must land on a good step.
                     save_pending = guard["bad_streak"] > 0 and not (done or stop.received)

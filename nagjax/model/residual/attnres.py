@@ -41,6 +41,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nagjax.config import ModelConfig
+from nagjax.export.remote import remote_code_export
 from nagjax.model.layers import RMSNorm, compute_dtype, mean_rms, param, rms_normalize
 from nagjax.model.residual.base import Scheme, State, StepContext, Sublayer
 from nagjax.model.residual.prenorm import sublayer_row_flops as prenorm_row_flops
@@ -174,4 +175,5 @@ ATTNRES = Scheme(
     sublayer_row_flops=lambda cfg, executed: prenorm_row_flops(cfg, executed) + mix_flops(cfg),
     final_row_flops=mix_flops,  # the final aggregation before the final norm
     microscope={"mix_weights": "mix_weights"},
+    hf_export=remote_code_export,  # PyTorch modelling code via trust_remote_code
 )

@@ -102,6 +102,9 @@ class Scheme:
     # The block residual computes a per-token skip signal before the sublayer runs and makes a
     # skipped sublayer an exact identity, so Mixture-of-Depths can route on it (docs/methods.md §2).
     skip_signal: bool = False
+    # How `nagjax export --format hf` writes this scheme (nagjax/export/): (cfg, numpy params) ->
+    # (config.json dict, {tensor name: array}); None: no Hugging Face export.
+    hf_export: Callable[[ModelConfig, dict], tuple[dict, dict]] | None = None
 
 
 SCHEMES: dict[str, Scheme] = {}

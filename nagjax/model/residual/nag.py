@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nagjax.config import ModelConfig
+from nagjax.export.remote import remote_code_export
 from nagjax.model import mod as modlib
 from nagjax.model.layers import param
 from nagjax.model.residual.base import ParamGroup, Scheme, State, StepContext, Sublayer
@@ -190,4 +191,5 @@ NAG = Scheme(
     logical_axes={"sublayer": None, "modulator": None},  # two slots, C channels: small, replicated
     microscope={"nag_alpha": "alpha", "nag_gate": "gate_mean", "nag_gain": "update_ratio"},
     skip_signal=True,
+    hf_export=remote_code_export,  # PyTorch modelling code via trust_remote_code
 )

@@ -1,0 +1,68 @@
+"""Pre-LN and LayerNorm Scaling as `LlamaForCausalLM` (docs/methods.md §0, §3).
+
+The shared decoder is LLaMA's: RMSNorm (eps inside the square root), RoPE pairing the two halves
+of each head (`rotate_half`, so q/k need no permutation), SwiGLU, no biases. nagjax keeps
+projections as [d, heads, head_dim] / [heads, head_dim, d] and MLP matrices as [in, out]; LLaMA's
+Linear weights are [out, in], hence the reshapes and transposes. LNS multiplies the output of both
+pre-norms of block i by 1/sqrt(i + 1) (i the original block index, `model.block_ids`): folded
+exactly into those norms' gains, since RMSNorm(x) * g * c = RMSNorm(x) * (g c).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from nagjax.config import ConfigError, ModelConfig
+from nagjax.export.layers import per_block
+
+
+def llama_export(cfg: ModelConfig, params: dict, *, layernorm_scaling: bool) -> tuple[dict, dict]:
+    """(config.json dict, {tensor name: float32 array}) of a Pre-LN / LNS model."""
+    blocks = per_block(cfg, params)
+    widths = {b["mlp"]["w_gate"].shape[1] for b in blocks}
+    if len(widths) != 1:
+        raise ConfigError(f"model.taper={cfg.taper!r}: per-block MLP widths {sorted(widths)} do not fit "
+                          "LlamaForCausalLM (one intermediate_size)")
+    d, h, kv, hd = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim
+    tensors = {"model.embed_tokens.weight": params["embed"],
+               "model.norm.weight": params["stream"]["final_norm"]["scale"]}
+    if not cfg.tie_embeddings:
+        tensors["lm_head.weight"] = params["head"]
+    for i, (block_id, b) in enumerate(zip(cfg.block_index_list, blocks)):
+        factor = 1.0 / math.sqrt(block_id + 1) if layernorm_scaling else 1.0
+        attn, mlp, norms = b["attn"], b["mlp"], b["residual"]["norms"]
+        p = f"model.layers.{i}."
+        tensors.update({
+            p + "self_attn.q_proj.weight": attn["wq"].reshape(d, h * hd).T,
+            p + "self_attn.k_proj.weight": attn["wk"].reshape(d, kv * hd).T,
+            p + "self_attn.v_proj.weight": attn["wv"].reshape(d, kv * hd).T,
+            p + "self_attn.o_proj.weight": attn["wo"].reshape(h * hd, d).T,
+            p + "mlp.gate_proj.weight": mlp["w_gate"].T,
+            p + "mlp.up_proj.weight": mlp["w_up"].T,
+            p + "mlp.down_proj.weight": mlp["w_down"].T,
+            p + "input_layernorm.weight": norms[0]["scale"] * np.float32(factor),
+            p + "post_attention_layernorm.weight": norms[1]["scale"] * np.float32(factor),
+        })
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": d,
+        "intermediate_size": widths.pop(),
+        "num_hidden_layers": cfg.depth,
+        "num_attention_heads": h,
+        "num_key_value_heads": kv,
+        "head_dim": hd,
+        "hidden_act": "silu",
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "rope_scaling": None,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "torch_dtype": "float32",
+    }
+    return config, {k: np.array(v, np.float32, order="C") for k, v in tensors.items()}

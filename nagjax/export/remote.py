@@ -1,0 +1,54 @@
+"""NAG and AttnRes for `transformers` through `trust_remote_code` (docs/methods.md §1, §4).
+
+No `transformers` architecture computes these residuals, so the export ships nagjax's forward
+re-written in PyTorch (`modeling_nagjax.py`, `configuration_nagjax.py`, copied into the output
+folder) with weights under nagjax's own names and layouts: `layers.<i>.<path>` for block i's
+parameters (taper stages flattened), and the top-level ones (`embed`, `head`, `stream.*`) as they
+are. The modelling file is the same for every scheme; `config.residual` picks its stream and
+block residual. It runs every sublayer (Mixture-of-Depths thresholds are not exported).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from nagjax.config import ModelConfig
+from nagjax.export.layers import flat, per_block
+
+CODE_FILES = ("configuration_nagjax.py", "modeling_nagjax.py")
+
+
+def remote_code_export(cfg: ModelConfig, params: dict) -> tuple[dict, dict]:
+    """(config.json dict, {tensor name: float32 array}) for the nagjax modelling code."""
+    from nagjax.model.residual.attnres import n_sources
+
+    blocks = per_block(cfg, params)
+    tensors = flat({k: v for k, v in params.items() if k not in ("blocks", "stages")})
+    for i, b in enumerate(blocks):
+        tensors.update(flat(b, f"layers.{i}."))
+    config = {
+        "architectures": ["NagjaxForCausalLM"],
+        "model_type": "nagjax",
+        "auto_map": {"AutoConfig": "configuration_nagjax.NagjaxConfig",
+                     "AutoModelForCausalLM": "modeling_nagjax.NagjaxForCausalLM"},
+        "residual": cfg.residual,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
+        "num_hidden_layers": cfg.depth,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.kv_heads,
+        "head_dim": cfg.head_dim,
+        "mlp_widths": [int(b["mlp"]["w_gate"].shape[1]) for b in blocks],
+        "block_ids": cfg.block_index_list,
+        "rope_theta": cfg.rope_theta,
+        "norm_eps": cfg.norm_eps,
+        "nag_eps": cfg.nag.eps,
+        "nag_gate_floor": cfg.nag.gate_floor,
+        "nag_modulator_channels": cfg.nag.modulator_channels,
+        "attnres_block_size": cfg.attnres.block_size,
+        "attnres_sources": n_sources(cfg),
+        "tie_embeddings": cfg.tie_embeddings,  # head = embedding table (no `head` tensor)
+        "tie_word_embeddings": False,  # transformers' own tying machinery is not used
+        "torch_dtype": "float32",
+    }
+    return config, {k: np.array(v, np.float32, order="C") for k, v in tensors.items()}
