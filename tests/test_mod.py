@@ -155,13 +155,17 @@ def test_flops_count_only_executed_work():
     assert measured.mlp == pytest.approx(dense.mlp / 2)
 
 
-@pytest.mark.parametrize("residual, threshold, taper", [
-    ("prenorm", False, "none"), ("nag", False, "none"), ("nag", True, "none"), ("nag", True, "linear")])
-def test_kv_cache_decoding_matches_the_full_forward(residual, threshold, taper):
-    from nagjax.infer.sample import init_cache, make_decode_step
+@pytest.mark.parametrize("residual, threshold, taper, kv", [
+    ("prenorm", False, "none", "kept"), ("nag", False, "none", "kept"), ("nag", True, "none", "kept"),
+    ("nag", True, "none", "all"), ("nag", True, "linear", "kept")])
+def test_kv_cache_decoding_matches_the_full_forward(residual, threshold, taper, kv):
+    """Token by token from an empty cache, for every K/V rule: the same logits as the full
+    forward, and the same tokens skip every sublayer."""
+    from nagjax.infer.decode import block_params_fn, decode_step_fn
+    from nagjax.infer.kv_cache import init_cache
 
     cfg = dataclasses.replace(CFG, residual=residual, taper=taper, taper_multiple=8)
-    mod = ModConfig(rate=0.0, kv="kept", exempt_first_blocks=1)
+    mod = ModConfig(rate=0.0, kv=kv, exempt_first_blocks=1)
     model = build_model(cfg, seed=6, mod=mod)
     graphdef, params = nnx.split(model)
     tokens = _tokens(b=1, t=10, seed=7)
@@ -173,14 +177,15 @@ def test_kv_cache_decoding_matches_the_full_forward(residual, threshold, taper):
     else:
         tau, ctx = jnp.zeros((cfg.depth, 2)), None
     full, full_stats = model(tokens, ctx=ctx)
-    step = make_decode_step(graphdef, threshold)
+    step = decode_step_fn(graphdef, thresholds=threshold, skip_compute=False)
+    blocks = block_params_fn(graphdef)(params)
     cache = init_cache(cfg, 1, 10, jnp.float32)
-    skips = []
+    executed = []
     for pos in range(10):
-        logits, cache, skip = step(params, cache, tokens[:, pos], pos, tau)
+        logits, cache, counts = step(params, blocks, cache, tokens[:, pos], jnp.array([pos]), jnp.array([True]), tau)
         np.testing.assert_allclose(logits[0], full[0, pos], rtol=2e-4, atol=2e-5)
-        skips.append(np.asarray(skip))
+        executed.append(np.asarray(counts["executed"]))
     if threshold:
-        executed_full = np.asarray(full_stats["skip_by_position"])  # [depth, 2, t]
-        np.testing.assert_array_equal(np.stack(skips, axis=-1), executed_full)
-        assert 0 < executed_full[1:].mean() < 1
+        skipped_full = np.asarray(full_stats["skip_by_position"])  # [depth, 2, t]
+        np.testing.assert_array_equal(1 - np.stack(executed, axis=-1), skipped_full)
+        assert 0 < skipped_full[1:].mean() < 1

@@ -49,3 +49,14 @@ def test_sweep_trains_resumes_and_reports(tmp_path, capsys):
     assert "dense: done, skipping" in out and "resuming" in out
     assert again[1]["val_loss"] == pytest.approx(results[1]["val_loss"])
     assert json.loads((tmp_path / "results.json").read_text())["budget_flops"] == 4e8
+    # the trained MoD variant samples with its trained thresholds, two prompts in one batch
+    from nagjax.cli import main
+
+    capsys.readouterr()
+    assert main(["sample", "--workdir", str(tmp_path / "mod"), "-p", "It is", "-p", "The house",
+                 "--max-tokens", "3", "--temperature", "0"]) == 0
+    out = capsys.readouterr()
+    assert out.out.startswith("It is") and "\nThe house" in out.out
+    assert "thresholds: trained (r=0.5)" in out.err and "tokens/s" in out.err and "MFLOP/token" in out.err
+    assert main(["sample", "--workdir", str(tmp_path / "mod"), "-p", "x", "--mod-rate", "1.5"]) == 2
+    assert "--mod-rate: expected a skip rate in [0, 1)" in capsys.readouterr().err
