@@ -141,7 +141,8 @@ def cmd_sample(args) -> int:
             thresholds, source = np.full((cfg.model.depth, 2), -np.inf), "r=0 (every token executes)"
         elif args.mod_rate is not None:
             batches = validation_batches(cfg, cfg.train.eval_batches)
-            q = modlib.calibrate_thresholds(run.graphdef, run.params, batches, cfg.mod, (args.mod_rate,))
+            q = modlib.calibrate_thresholds(run.graphdef, run.params, batches, cfg.mod, (args.mod_rate,),
+                                            under_skipping=True)
             thresholds, source = q[..., 0], f"calibrated for r={args.mod_rate:g} on validation data"
         elif modlib.skipping(cfg.model, cfg.mod):
             thresholds, source = np.asarray(run.state["aux"]["mod_tau"]), f"trained (r={cfg.mod.rate:g})"

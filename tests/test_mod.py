@@ -12,7 +12,7 @@ from conftest import make_tiny_model
 from nagjax import flops
 from nagjax.config import ModConfig
 from nagjax.model import StepContext, build_model
-from nagjax.model.mod import kept_tokens, threshold_routing, training_routing
+from nagjax.model.mod import calibrate_thresholds, kept_tokens, threshold_routing, training_routing
 from nagjax.model.residual.base import ATTENTION, MLP
 from nagjax.model.residual.nag import NagResidual, NagStream, modulator_flops
 
@@ -132,6 +132,20 @@ def test_threshold_path_runs_the_same_tokens_as_topk(kv):
     np.testing.assert_array_equal(np.asarray(thr["skip_by_position"]), np.asarray(topk["skip_by_position"]))
     np.testing.assert_allclose(np.asarray(thr["gate_by_position"]), gate, rtol=1e-4, atol=1e-5)
     assert float(np.asarray(thr["skip_rate"])[1:].mean()) == pytest.approx((24 - k) / 24)
+
+
+def test_calibration_under_skipping_realises_the_rate():
+    """Thresholds calibrated in a pass where every eligible sublayer already skips the rate: the
+    causal threshold pass over the same batch then skips that rate in every eligible sublayer
+    (later sublayers see exactly the skipping they were calibrated under)."""
+    mod = ModConfig(rate=0.0, exempt_first_blocks=1)
+    model = build_model(CFG, seed=4, mod=mod)
+    graphdef, params = nnx.split(model)
+    batch = {"inputs": _tokens(b=2, t=16, seed=9)}
+    tau = calibrate_thresholds(graphdef, params, [batch], mod, (0.3,), under_skipping=True)[..., 0]
+    _, stats = _forward(model, StepContext(routing=threshold_routing(mod, jnp.asarray(tau))))(params, batch["inputs"])
+    np.testing.assert_allclose(np.asarray(stats["skip_rate"])[1:], 0.3, atol=1 / 32)
+    assert float(np.asarray(stats["skip_rate"])[0].max()) == 0.0  # the exempt block
 
 
 def test_flops_count_only_executed_work():

@@ -81,6 +81,9 @@ class Routing:
     # finished row); the others execute no skippable sublayer and are left out of the counts.
     skip_compute: bool = False
     active: Any = None
+    # Calibration under skipping ("threshold" mode): each sublayer's tau is the quantile_rates[0]-
+    # quantile of its signal over this pass's tokens, so later sublayers see earlier ones skip.
+    self_calibrating: bool = False
 
     @property
     def skips(self) -> bool:
@@ -194,7 +197,11 @@ def run_routed(routing: Routing, signal_bt, state: dict, positions_bt, sublayer:
         return new, executed
     if routing.mode != "threshold":
         raise ValueError(f"run_routed: routing mode {routing.mode!r} does not skip")
-    executed = signal_bt >= jnp.asarray(routing.tau)[block_index, slot]
+    if routing.self_calibrating:
+        tau = jnp.quantile(signal_bt.reshape(-1), routing.quantile_rates[0])
+    else:
+        tau = jnp.asarray(routing.tau)[block_index, slot]
+    executed = signal_bt >= tau
     if routing.active is not None:
         executed = executed & routing.active
     kv = KVSource(valid_bt=executed) if slot == ATTENTION and not attention_kv_all else None
@@ -299,23 +306,42 @@ def update_thresholds(aux: dict, quantile_ld, decay: float) -> dict:
     return {**aux, "mod_tau": tau, "mod_tau_updates": aux["mod_tau_updates"] + 1}
 
 
-def calibration_fn(graphdef: nnx.GraphDef, mod: ModConfig, rates: tuple[float, ...]):
-    """jit: (params, batch) -> [depth, 2, R] quantiles of the signal in a dense pass (tau = -inf,
-    every token executes), the thresholds that would skip each rate."""
+def calibration_fn(graphdef: nnx.GraphDef, mod: ModConfig, rates: tuple[float, ...], *,
+                   under_skipping: bool = False):
+    """jit: (params, batch) -> [depth, 2, R] quantiles of the signal, the thresholds that would skip
+    each rate: in a dense pass (tau = -inf, every token executes), or `under_skipping` (one rate)
+    in a pass where every sublayer already skips that rate of the tokens."""
     from nagjax.model.residual.base import StepContext
+
+    if under_skipping and len(rates) != 1:
+        raise ValueError("calibration under skipping takes one rate per pass")
 
     def run(params, batch):
         model = nnx.merge(graphdef, params)
-        tau = jnp.full((model.cfg.depth, 2), -jnp.inf)
-        ctx = StepContext(routing=threshold_routing(mod, tau, rates))
-        return model(batch["inputs"], ctx=ctx)[1]["gate_quantiles"]
+        if under_skipping:
+            routing = Routing(config=mod, mode="threshold", quantile_rates=tuple(rates), self_calibrating=True)
+        else:
+            routing = threshold_routing(mod, jnp.full((model.cfg.depth, 2), -jnp.inf), rates)
+        return model(batch["inputs"], ctx=StepContext(routing=routing))[1]["gate_quantiles"]
 
     return jax.jit(run)
 
 
 def calibrate_thresholds(graphdef: nnx.GraphDef, params, batches, mod: ModConfig,
-                         rates: tuple[float, ...]) -> np.ndarray:
-    """[depth, 2, R]: per sublayer, the rate-quantiles of the signal in a dense pass, averaged over
-    `batches`."""
-    fn = calibration_fn(graphdef, mod, tuple(rates))
-    return np.mean([np.asarray(fn(params, b)) for b in batches], axis=0)
+                         rates: tuple[float, ...], *, under_skipping: bool = False) -> np.ndarray:
+    """[depth, 2, R]: per sublayer, the rate-quantiles of the signal averaged over `batches`.
+
+    Dense (default; `nagjax eval --mod-sweep`): the quantiles of a pass where every token runs
+    every sublayer. Skipping earlier sublayers shifts later signals, so the realised rate then
+    misses the target (it undershoots on NAG). `under_skipping` (`nagjax sample --mod-rate`):
+    the quantiles of a pass in which every eligible sublayer already skips at the rate (its tau
+    set from the same pass), so that each threshold sees the skipping before it; the realised
+    rate then lands near the target (one pass per rate)."""
+    if not under_skipping:
+        fn = calibration_fn(graphdef, mod, tuple(rates))
+        return np.mean([np.asarray(fn(params, b)) for b in batches], axis=0)
+    out = []
+    for rate in rates:
+        fn = calibration_fn(graphdef, mod, (rate,), under_skipping=True)
+        out.append(np.mean([np.asarray(fn(params, b)) for b in batches], axis=0))
+    return np.concatenate(out, axis=-1)
