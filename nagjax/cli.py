@@ -157,18 +157,26 @@ def cmd_sample(args) -> int:
     import numpy as np
 
     from nagjax.analysis.diagnostics import load_run, validation_batches
+    from nagjax.config import ConfigError
     from nagjax.data.mixture import tokenizer_of
     from nagjax.infer.sample import generate
     from nagjax.model import mod as modlib
 
+    if args.mod_rate is not None and not 0 <= args.mod_rate < 1:
+        raise ConfigError(f"--mod-rate: expected a skip rate in [0, 1), got {args.mod_rate:g}")
+    if args.max_tokens < 1:
+        raise ConfigError(f"--max-tokens: expected at least 1, got {args.max_tokens}")
     run = load_run(args.workdir)
     cfg = run.config
     tokenizer = tokenizer_of(cfg.data)
-    thresholds, source = None, "dense"
+    thresholds, source = None, "none (dense)"
     if modlib.has_skip_signal(cfg.model) and not args.dense:
-        if args.mod_rate is not None:
+        if args.mod_rate == 0:
+            thresholds, source = np.full((cfg.model.depth, 2), -np.inf), "r=0 (every token executes)"
+        elif args.mod_rate is not None:
             batches = validation_batches(cfg, cfg.train.eval_batches)
-            q = modlib.calibrate_thresholds(run.graphdef, run.params, batches, cfg.mod, (args.mod_rate,))
+            q = modlib.calibrate_thresholds(run.graphdef, run.params, batches, cfg.mod, (args.mod_rate,),
+                                            under_skipping=True)
             thresholds, source = q[..., 0], f"calibrated for r={args.mod_rate:g} on validation data"
         elif modlib.skipping(cfg.model, cfg.mod):
             thresholds = np.asarray(modlib.trained_thresholds(run.state["aux"]))
@@ -176,15 +184,33 @@ def cmd_sample(args) -> int:
     elif args.mod_rate is not None:
         print(f"nagjax: note: --mod-rate needs a residual scheme with a skip signal (this model is "
               f"{cfg.model.residual!r}); sampling densely", file=sys.stderr)
-    sample = generate(run, tokenizer, args.prompt, max_new_tokens=args.max_tokens,
-                      temperature=args.temperature, top_k=args.top_k, seed=args.seed, thresholds=thresholds)
-    print(args.prompt + sample.text)
-    print(f"\n[nagjax] step {run.step}, thresholds: {source}; realised skip rate {sample.skip_rate:.3f} "
-          f"over {len(sample.tokens) - 1} tokens x {2 * cfg.model.depth} sublayers", file=sys.stderr)
-    if thresholds is not None:
-        per = " ".join(f"{a:.2f}/{m:.2f}" for a, m in sample.skip_rate_by_sublayer)
-        print(f"[nagjax] per block (attn/mlp): {per}", file=sys.stderr)
+    out = generate(run, tokenizer, args.prompt, max_new_tokens=args.max_tokens, temperature=args.temperature,
+                   top_k=args.top_k, seed=args.seed, thresholds=thresholds, real_skip=not args.no_skip)
+    for prompt, text in zip(args.prompt, out.texts):
+        print(prompt + text)
+    print(sample_report(out, step=run.step, source=source, real_skip=not args.no_skip), file=sys.stderr)
     return 0
+
+
+def sample_report(out, *, step: int, source: str, real_skip: bool) -> str:
+    """The latency dial's read-out of one `nagjax sample` (nagjax/infer/sample.py: Generation)."""
+    rows = len(out.tokens)
+    how = "skipped sublayers not computed" if real_skip else "every sublayer computed, skipped updates discarded"
+    lines = [
+        f"[nagjax] step {step}; thresholds: {source}; {how}",
+        f"[nagjax] prefill {rows} x {max(out.prompt_lengths)} tokens in {out.prefill_seconds * 1e3:.1f} ms; "
+        f"decode {out.decode_tokens} tokens in {out.decode_seconds * 1e3:.1f} ms: "
+        f"{out.tokens_per_second:.1f} tokens/s, {out.seconds_per_token * 1e3:.2f} ms per {'token' if rows == 1 else 'step'} "
+        f"(compile {out.compile_seconds:.1f} s, not counted)",
+        f"[nagjax] realised skip rate {out.skip_rate:.3f} of all sublayers ({out.skip_rate_eligible:.3f} of the "
+        f"{int(out.eligible.sum())} that may skip); {out.calls_saved:.1%} of sublayer calls not computed; forward "
+        f"{out.flops_per_token / 1e6:.2f} MFLOP/token (dense {out.dense_flops_per_token / 1e6:.2f}: "
+        f"{out.flops_per_token / out.dense_flops_per_token:.2f}x)",
+    ]
+    if out.eligible.any():
+        per = " ".join(f"{a:.2f}/{m:.2f}" for a, m in out.skip_rate_by_sublayer)
+        lines.append(f"[nagjax] skip rate per block (attn/mlp): {per}")
+    return "\n".join(lines)
 
 
 def cmd_sweep(args) -> int:
@@ -282,16 +308,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder for --mod-sweep (default: WORKDIR/mod_sweep)")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("sample", help="generate text from a trained workdir (KV cache, MoD thresholds)")
+    p = sub.add_parser("sample", help="generate text from a trained workdir (one-pass prefill, KV cache, "
+                       "MoD thresholds that really skip); reports tokens/s, skip rate and FLOPs")
     p.add_argument("--workdir", "-w", required=True)
-    p.add_argument("--prompt", "-p", required=True)
+    p.add_argument("--prompt", "-p", required=True, action="append",
+                   help="repeat for a batch (prompts of any lengths, generated together)")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=40)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mod-rate", type=float, default=None,
-                   help="NAG: skip rate to calibrate thresholds for (default: the trained thresholds)")
+                   help="NAG: the latency dial, a skip rate to calibrate thresholds for (default: the "
+                   "trained thresholds)")
     p.add_argument("--dense", action="store_true", help="NAG: run every sublayer")
+    p.add_argument("--no-skip", action="store_true",
+                   help="compute skipped sublayers and discard their updates (the reference path: "
+                   "same text, no saving)")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("sweep", help="train an iso-FLOP sweep (resumable) and write tables and plots")

@@ -12,7 +12,7 @@ from conftest import make_tiny_model
 from nagjax import flops
 from nagjax.config import ModConfig
 from nagjax.model import StepContext, build_model
-from nagjax.model.mod import kept_tokens, select_topk, threshold_routing, training_routing
+from nagjax.model.mod import calibrate_thresholds, kept_tokens, select_topk, threshold_routing, training_routing
 from nagjax.model.residual.base import ATTENTION, MLP
 from nagjax.model.residual.nag import NagResidual, NagStream, modulator_flops
 
@@ -202,6 +202,20 @@ def test_threshold_path_runs_the_same_tokens_as_topk(kv):
     assert float(np.asarray(thr["skip_rate"])[1:].mean()) == pytest.approx((24 - k) / 24)
 
 
+def test_calibration_under_skipping_realises_the_rate():
+    """Thresholds calibrated in a pass where every eligible sublayer already skips the rate: the
+    causal threshold pass over the same batch then skips that rate in every eligible sublayer
+    (later sublayers see exactly the skipping they were calibrated under)."""
+    mod = ModConfig(rate=0.0, exempt_first_blocks=1)
+    model = build_model(CFG, seed=4, mod=mod)
+    graphdef, params = nnx.split(model)
+    batch = {"inputs": _tokens(b=2, t=16, seed=9)}
+    tau = calibrate_thresholds(graphdef, params, [batch], mod, (0.3,), under_skipping=True)[..., 0]
+    _, stats = _forward(model, StepContext(routing=threshold_routing(mod, jnp.asarray(tau))))(params, batch["inputs"])
+    np.testing.assert_allclose(np.asarray(stats["skip_rate"])[1:], 0.3, atol=1 / 32)
+    assert float(np.asarray(stats["skip_rate"])[0].max()) == 0.0  # the exempt block
+
+
 def test_flops_count_only_executed_work():
     cfg = dataclasses.replace(CFG, depth=4, vocab_size=1000)
     t = 128
@@ -223,13 +237,17 @@ def test_flops_count_only_executed_work():
     assert measured.mlp == pytest.approx(dense.mlp / 2)
 
 
-@pytest.mark.parametrize("residual, threshold, taper", [
-    ("prenorm", False, "none"), ("nag", False, "none"), ("nag", True, "none"), ("nag", True, "linear")])
-def test_kv_cache_decoding_matches_the_full_forward(residual, threshold, taper):
-    from nagjax.infer.sample import init_cache, make_decode_step
+@pytest.mark.parametrize("residual, threshold, taper, kv", [
+    ("prenorm", False, "none", "kept"), ("nag", False, "none", "kept"), ("nag", True, "none", "kept"),
+    ("nag", True, "none", "all"), ("nag", True, "linear", "kept")])
+def test_kv_cache_decoding_matches_the_full_forward(residual, threshold, taper, kv):
+    """Token by token from an empty cache, for every K/V rule: the same logits as the full
+    forward, and the same tokens skip every sublayer."""
+    from nagjax.infer.decode import block_params_fn, decode_step_fn
+    from nagjax.infer.kv_cache import init_cache
 
     cfg = dataclasses.replace(CFG, residual=residual, taper=taper, taper_multiple=8)
-    mod = ModConfig(rate=0.0, kv="kept", exempt_first_blocks=1)
+    mod = ModConfig(rate=0.0, kv=kv, exempt_first_blocks=1)
     model = build_model(cfg, seed=6, mod=mod)
     graphdef, params = nnx.split(model)
     tokens = _tokens(b=1, t=10, seed=7)
@@ -241,14 +259,15 @@ def test_kv_cache_decoding_matches_the_full_forward(residual, threshold, taper):
     else:
         tau, ctx = jnp.zeros((cfg.depth, 2)), None
     full, full_stats = model(tokens, ctx=ctx)
-    step = make_decode_step(graphdef, threshold)
+    step = decode_step_fn(graphdef, thresholds=threshold, skip_compute=False)
+    blocks = block_params_fn(graphdef)(params)
     cache = init_cache(cfg, 1, 10, jnp.float32)
-    skips = []
+    executed = []
     for pos in range(10):
-        logits, cache, skip = step(params, cache, tokens[:, pos], pos, tau)
+        logits, cache, counts = step(params, blocks, cache, tokens[:, pos], jnp.array([pos]), jnp.array([True]), tau)
         np.testing.assert_allclose(logits[0], full[0, pos], rtol=2e-4, atol=2e-5)
-        skips.append(np.asarray(skip))
+        executed.append(np.asarray(counts["executed"]))
     if threshold:
-        executed_full = np.asarray(full_stats["skip_by_position"])  # [depth, 2, t]
-        np.testing.assert_array_equal(np.stack(skips, axis=-1), executed_full)
-        assert 0 < executed_full[1:].mean() < 1
+        skipped_full = np.asarray(full_stats["skip_by_position"])  # [depth, 2, t]
+        np.testing.assert_array_equal(1 - np.stack(executed, axis=-1), skipped_full)
+        assert 0 < skipped_full[1:].mean() < 1

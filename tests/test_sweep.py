@@ -89,7 +89,7 @@ def test_diverged_runs_never_win_and_reports_flag_grid_edges(tmp_path):
         build_report([tmp_path / "old"], tmp_path / "page.md")
 
 
-def test_multi_seed_sweep_trains_resumes_and_reports(tmp_path, capsys):
+def test_multi_seed_sweep_trains_resumes_reports_and_samples(tmp_path, capsys):
     base = apply_overrides(Config(), [*TINY_RUN, "model.residual=nag", "train.eval_batches=1", "train.log_every=1"])
     sweep = IsoFlopSweep(base=base, budget_flops=3e8, evals_per_run=2, seeds=2, variants=(
         Variant("dense", lrs=(3e-3,)), Variant("mod", ("mod.rate=0.5", "mod.exempt_first_blocks=0"), lrs=(3e-3,))))
@@ -114,3 +114,14 @@ def test_multi_seed_sweep_trains_resumes_and_reports(tmp_path, capsys):
     text = page.read_text()
     assert "## sweep" in text and "| mod | nag | 0.500 |" in text and "GPU sweeps: pending." in text
     assert (tmp_path / "docs" / "results" / "sweep" / "loss_vs_rate.png").exists()
+    # the trained MoD variant samples with its trained thresholds, two prompts in one batch
+    from nagjax.cli import main
+
+    capsys.readouterr()
+    assert main(["sample", "--workdir", str(tmp_path / "sweep" / "mod" / "lr0.003-s0"), "-p", "It is", "-p", "The house",
+                 "--max-tokens", "3", "--temperature", "0"]) == 0
+    out = capsys.readouterr()
+    assert out.out.startswith("It is") and "\nThe house" in out.out
+    assert "thresholds: trained (r=0.5)" in out.err and "tokens/s" in out.err and "MFLOP/token" in out.err
+    assert main(["sample", "--workdir", str(tmp_path / "sweep" / "mod" / "lr0.003-s0"), "-p", "x", "--mod-rate", "1.5"]) == 2
+    assert "--mod-rate: expected a skip rate in [0, 1)" in capsys.readouterr().err

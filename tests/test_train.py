@@ -210,13 +210,13 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(reference_run,
 def test_sigint_during_eval_is_one_line_and_exit_130(reference_run, monkeypatch, capsys):
     from nagjax.data import pipeline
 
-    eval_batches = pipeline.eval_batches
+    eval_sets = pipeline.eval_sets
 
     def interrupted(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGINT)
-        return eval_batches(*args, **kwargs)
+        return eval_sets(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "eval_batches", interrupted)
+    monkeypatch.setattr(pipeline, "eval_sets", interrupted)
     assert main(["eval", "--workdir", str(reference_run[0])]) == 130
     assert capsys.readouterr().err == "nagjax: SIGINT: interrupted; exiting\n"
 

@@ -1,1 +1,2 @@
-"""Inference: KV-cache sampling with Mixture-of-Depths thresholds applied token by token."""
+"""Inference: one-pass prefill, KV-cache decoding that really skips the sublayers Mixture-of-Depths
+thresholds skip, and batched generation (kv_cache, decode, sample)."""

@@ -117,6 +117,20 @@ class Attention(nnx.Module):
         self.wo = param(rngs, init, (h, hd, d), ("heads", "head_dim", "embed"))
         self.cfg = cfg
 
+    def queries(self, x_btd, positions_bt):
+        """[b, t, heads, head_dim], rotated to the tokens' positions."""
+        q = jnp.einsum("btd,dnh->btnh", x_btd, self.wq[...].astype(x_btd.dtype))
+        return rope(q, positions_bt, self.cfg.rope_theta)
+
+    def keys_values(self, x_btd, positions_bt):
+        """(keys rotated to the tokens' positions, values), each [b, t, kv_heads, head_dim]."""
+        k = jnp.einsum("btd,dnh->btnh", x_btd, self.wk[...].astype(x_btd.dtype))
+        v = jnp.einsum("btd,dnh->btnh", x_btd, self.wv[...].astype(x_btd.dtype))
+        return rope(k, positions_bt, self.cfg.rope_theta), v
+
+    def project_out(self, heads_btnh):
+        return jnp.einsum("btnh,nhd->btd", heads_btnh, self.wo[...].astype(heads_btnh.dtype))
+
     def __call__(self, x_btd, positions_bt, kv: KVSource | None = None):
         """Causal attention of the queries `x_btd` at `positions_bt`.
 
@@ -124,14 +138,10 @@ class Attention(nnx.Module):
         path). With it, keys/values come from `kv.x_btd` (default: the queries' tokens), causal by
         position, and `kv.valid_bt` masks out tokens that give no K/V.
         """
-        dtype = x_btd.dtype
-        q = jnp.einsum("btd,dnh->btnh", x_btd, self.wq[...].astype(dtype))
-        q = rope(q, positions_bt, self.cfg.rope_theta)
+        q = self.queries(x_btd, positions_bt)
         other = kv is not None and kv.x_btd is not None
         src, src_pos = (kv.x_btd, kv.positions_bt) if other else (x_btd, positions_bt)
-        k = jnp.einsum("btd,dnh->btnh", src, self.wk[...].astype(dtype))
-        v = jnp.einsum("btd,dnh->btnh", src, self.wv[...].astype(dtype))
-        k = rope(k, src_pos, self.cfg.rope_theta)
+        k, v = self.keys_values(src, src_pos)
         if kv is not None:
             mask = src_pos[:, None, None, :] <= positions_bt[:, None, :, None]  # [b, 1, q, k]
             if kv.valid_bt is not None:
@@ -139,31 +149,10 @@ class Attention(nnx.Module):
             out = jax.nn.dot_product_attention(q, k, v, mask=mask)
         else:
             out = jax.nn.dot_product_attention(
-                q, k, v, is_causal=True, implementation=_attention_impl(self.cfg, dtype)
+                q, k, v, is_causal=True, implementation=_attention_impl(self.cfg, x_btd.dtype)
             )
         out = checkpoint_name(out, "attention")  # what `model.remat=dots_attention` keeps
-        return jnp.einsum("btnh,nhd->btd", out, self.wo[...].astype(dtype))
-
-    def decode(self, x_b1d, positions_b1, cache, write_b):
-        """One token against a KV cache {"k", "v": [b, T, kv, hd], "valid": [b, T]}.
-
-        The token's K/V are written at its position only where `write_b` (a token that skips
-        attention under MoD with kv="kept" gives no K/V); it attends to valid earlier entries.
-        """
-        dtype = x_b1d.dtype
-        pos = positions_b1[0, 0]
-        q = rope(jnp.einsum("btd,dnh->btnh", x_b1d, self.wq[...].astype(dtype)), positions_b1, self.cfg.rope_theta)
-        k = rope(jnp.einsum("btd,dnh->btnh", x_b1d, self.wk[...].astype(dtype)), positions_b1, self.cfg.rope_theta)
-        v = jnp.einsum("btd,dnh->btnh", x_b1d, self.wv[...].astype(dtype))
-        w = write_b[:, None, None]
-        k_cache = cache["k"].at[:, pos].set(jnp.where(w, k[:, 0], cache["k"][:, pos]))
-        v_cache = cache["v"].at[:, pos].set(jnp.where(w, v[:, 0], cache["v"][:, pos]))
-        valid = cache["valid"].at[:, pos].set(write_b)
-        mask = valid & (jnp.arange(valid.shape[1]) <= pos)[None, :]
-        out = jax.nn.dot_product_attention(q, k_cache.astype(dtype), v_cache.astype(dtype),
-                                           mask=mask[:, None, None, :])
-        out = jnp.einsum("btnh,nhd->btd", out, self.wo[...].astype(dtype))
-        return out, {"k": k_cache, "v": v_cache, "valid": valid}
+        return self.project_out(out)
 
 
 class SwiGLU(nnx.Module):

@@ -6,7 +6,9 @@ A scheme with a skip signal (`Scheme.skip_signal`, NAG's modulator m) hands its 
   * `topk` (training, real savings): per sequence, the k = ceil((1 - r) T) tokens with the largest
     signal, in their original order, are gathered, run through the sublayer and scattered back;
   * `threshold` (causal inference): a token executes iff its signal >= tau[layer, slot]; the
-    sublayer runs densely and the scheme leaves skipped tokens exactly unchanged;
+    sublayer runs densely and the scheme leaves skipped tokens exactly unchanged, or, with
+    `skip_compute` (decoding), it runs under `lax.cond` only when some token executes it, so a
+    skipped sublayer is really not computed (same outputs, bit for bit);
   * `dense`: every token executes (the exempt first blocks, a dense model, calibration passes).
 
 Also here: which sublayers and blocks may skip (`routes`, `segments`), the K/V rule (`mod.kv`), the
@@ -79,6 +81,15 @@ class Routing:
     # (as the training EMA writes them); `Transformer.run_blocks` hands each block its row [2].
     tau: Any = None
     quantile_rates: tuple[float, ...] = ()  # report these quantiles of the signal (calibration)
+    # Inference ("threshold" mode). skip_compute: a sublayer runs (lax.cond) only when some token
+    # executes it, so a skipped sublayer costs nothing (decoding); False computes it for every
+    # token and discards the skipped updates. active: [b, t] tokens that exist (not padding, not a
+    # finished row); the others execute no skippable sublayer and are left out of the counts.
+    skip_compute: bool = False
+    active: Any = None
+    # Calibration under skipping ("threshold" mode): each sublayer's tau is the quantile_rates[0]-
+    # quantile of its signal over this pass's tokens, so later sublayers see earlier ones skip.
+    self_calibrating: bool = False
 
     @property
     def skips(self) -> bool:
@@ -113,11 +124,31 @@ def training_routing(mod: ModConfig | None, *, calibrate: bool = False, seq_len:
     return Routing(config=mod, mode="topk", quantile_rates=rates)
 
 
-def threshold_routing(mod: ModConfig, tau, quantile_rates: tuple[float, ...] = ()) -> Routing:
-    """Causal routing: a token executes a sublayer iff its signal >= tau [depth, 2]."""
+def threshold_routing(mod: ModConfig, tau, quantile_rates: tuple[float, ...] = (), *,
+                      skip_compute: bool = False, active=None) -> Routing:
+    """Causal routing: a token executes a sublayer iff its signal >= tau [depth, 2] (and it is
+    `active`); `skip_compute` really skips a sublayer that no token executes (see `Routing`)."""
     if mod is None:
         raise ValueError("threshold routing needs the model's ModConfig (a scheme with a skip signal)")
-    return Routing(config=mod, mode="threshold", tau=tau, quantile_rates=tuple(quantile_rates))
+    return Routing(config=mod, mode="threshold", tau=tau, quantile_rates=tuple(quantile_rates),
+                   skip_compute=skip_compute, active=active)
+
+
+def inference_routing(mod: ModConfig | None, tau=None, *, skip_compute: bool = True, active=None) -> Routing:
+    """Routing for generation: dense without thresholds (`tau` None), else causal thresholds that
+    really skip (`skip_compute`) or compute and discard (the reference path, same outputs)."""
+    if tau is None:
+        return Routing(active=active)
+    return threshold_routing(mod, tau, skip_compute=skip_compute, active=active)
+
+
+def eligible_sublayers(depth: int, routing: Routing) -> np.ndarray:
+    """[depth, 2] bool: the sublayers that may skip under `routing` (routed segments, `mod.sublayers`)."""
+    out = np.zeros((depth, 2), bool)
+    for start, stop, seg in segments(depth, routing):
+        for slot in (0, 1):
+            out[start:stop, slot] = seg.routes(slot)
+    return out
 
 
 def segments(depth: int, routing: Routing) -> list[tuple[int, int, Routing]]:
@@ -235,6 +266,12 @@ def run_routed(routing: Routing, signal_bt, state: dict, positions_bt, sublayer:
     K/V rule (`mod.kv`): with "kept" a token that skips attention gives no K/V there (top-k: only
     the gathered tokens exist for the sublayer; thresholds: skipped tokens are masked out of the
     keys); with "all" every token gives K/V (top-k: the gathered queries attend to all tokens).
+
+    Real skipping (`routing.skip_compute`): the sublayer runs under `lax.cond` only when some
+    token executes it; otherwise the state comes back unchanged, which is what `apply` returns
+    when no row executed (the scheme's exact identity), so both paths give the same bits. Under
+    kv="all" the skipping tokens still give K/V: a sublayer that keeps them (a cached attention)
+    writes them with `sublayer.record_kv(x_btd, positions_bt)`, without computing its output.
     """
     attention_kv_all = slot == ATTENTION and routing.config.kv == "all"
     if routing.mode == "topk":
@@ -247,10 +284,46 @@ def run_routed(routing: Routing, signal_bt, state: dict, positions_bt, sublayer:
         return {k: sel.put(state[k], new_rows[k]) for k in state}, sel.keep
     if routing.mode != "threshold":
         raise ValueError(f"run_routed: routing mode {routing.mode!r} does not skip")
-    executed = signal_bt >= jnp.asarray(routing.tau)[slot]  # this block's row (run_blocks)
+    if routing.self_calibrating:
+        tau = jnp.quantile(signal_bt.reshape(-1), routing.quantile_rates[0])
+    else:
+        tau = jnp.asarray(routing.tau)[slot]  # this block's row (run_blocks)
+    executed = signal_bt >= tau
+    if routing.active is not None:
+        executed = executed & routing.active
     kv = KVSource(valid_bt=executed) if slot == ATTENTION and not attention_kv_all else None
-    f = sublayer(read(state), positions_bt, kv=kv)
-    return apply(f, state, executed), executed
+    x_btd = read(state)
+    if not routing.skip_compute:
+        return apply(sublayer(x_btd, positions_bt, kv=kv), state, executed), executed
+
+    def run():
+        return apply(sublayer(x_btd, positions_bt, kv=kv), state, executed)
+
+    def skip():
+        record_kv = getattr(sublayer, "record_kv", None)
+        if attention_kv_all and record_kv is not None:
+            record_kv(x_btd, positions_bt)
+        return state
+
+    return _cond(jnp.any(executed), run, skip, sublayer), executed
+
+
+def _cond(pred, run: Callable, skip: Callable, sublayer):
+    """`lax.cond(pred, run, skip)`; a sublayer that keeps state between calls in `sublayer.carry`
+    (a cached attention: its block's KV cache) gets that state threaded through both branches."""
+    if not hasattr(sublayer, "carry"):
+        return jax.lax.cond(pred, run, skip)
+
+    def branch(fn):
+        def go(carry):
+            sublayer.carry = carry
+            out = fn()
+            return out, sublayer.carry
+
+        return go
+
+    out, sublayer.carry = jax.lax.cond(pred, branch(run), branch(skip), sublayer.carry)
+    return out
 
 
 def skip_stats(routing: Routing | None, signal_bt, executed_bt) -> dict[str, jax.Array]:
@@ -267,6 +340,11 @@ def skip_stats(routing: Routing | None, signal_bt, executed_bt) -> dict[str, jax
             stats["gate_quantiles"] = jnp.zeros((len(routing.quantile_rates),), jnp.float32)
         else:
             stats["gate_quantiles"] = jnp.quantile(signal_bt.reshape(-1), jnp.asarray(routing.quantile_rates))
+    if routing is not None and routing.active is not None:  # inference counts, active tokens only
+        executed_active = executed_bt & routing.active
+        stats["executed_tokens"] = jnp.sum(executed_active.astype(jnp.int32))
+        really = routing.skip_compute and routing.mode == "threshold"
+        stats["ran"] = jnp.any(executed_active) if really else jnp.bool_(True)
     return stats
 
 
@@ -324,23 +402,42 @@ def update_thresholds(aux: dict, quantile_ld, decay: float) -> dict:
 
 
 @functools.lru_cache(maxsize=16)
-def calibration_fn(graphdef: nnx.GraphDef, mod: ModConfig, rates: tuple[float, ...]):
-    """jit: (params, batch) -> [depth, 2, R] quantiles of the signal in a dense pass (tau = -inf,
-    every token executes), the thresholds that would skip each rate."""
+def calibration_fn(graphdef: nnx.GraphDef, mod: ModConfig, rates: tuple[float, ...], *,
+                   under_skipping: bool = False):
+    """jit: (params, batch) -> [depth, 2, R] quantiles of the signal, the thresholds that would skip
+    each rate: in a dense pass (tau = -inf, every token executes), or `under_skipping` (one rate)
+    in a pass where every sublayer already skips that rate of the tokens."""
     from nagjax.model.residual.base import StepContext
+
+    if under_skipping and len(rates) != 1:
+        raise ValueError("calibration under skipping takes one rate per pass")
 
     def run(params, batch):
         model = nnx.merge(graphdef, params)
-        tau = jnp.full((model.cfg.depth, 2), -jnp.inf)
-        ctx = StepContext(routing=threshold_routing(mod, tau, rates))
-        return model(batch["inputs"], ctx=ctx)[1]["gate_quantiles"]
+        if under_skipping:
+            routing = Routing(config=mod, mode="threshold", quantile_rates=tuple(rates), self_calibrating=True)
+        else:
+            routing = threshold_routing(mod, jnp.full((model.cfg.depth, 2), -jnp.inf), rates)
+        return model(batch["inputs"], ctx=StepContext(routing=routing))[1]["gate_quantiles"]
 
     return jax.jit(run)
 
 
 def calibrate_thresholds(graphdef: nnx.GraphDef, params, batches, mod: ModConfig,
-                         rates: tuple[float, ...]) -> np.ndarray:
-    """[depth, 2, R]: per sublayer, the rate-quantiles of the signal in a dense pass, averaged over
-    `batches`."""
-    fn = calibration_fn(graphdef, mod, tuple(rates))
-    return np.mean([np.asarray(fn(params, b)) for b in batches], axis=0)
+                         rates: tuple[float, ...], *, under_skipping: bool = False) -> np.ndarray:
+    """[depth, 2, R]: per sublayer, the rate-quantiles of the signal averaged over `batches`.
+
+    Dense (default; `nagjax eval --mod-sweep`): the quantiles of a pass where every token runs
+    every sublayer. Skipping earlier sublayers shifts later signals, so the realised rate then
+    misses the target (it undershoots on NAG). `under_skipping` (`nagjax sample --mod-rate`):
+    the quantiles of a pass in which every eligible sublayer already skips at the rate (its tau
+    set from the same pass), so that each threshold sees the skipping before it; the realised
+    rate then lands near the target (one pass per rate)."""
+    if not under_skipping:
+        fn = calibration_fn(graphdef, mod, tuple(rates))
+        return np.mean([np.asarray(fn(params, b)) for b in batches], axis=0)
+    out = []
+    for rate in rates:
+        fn = calibration_fn(graphdef, mod, (rate,), under_skipping=True)
+        out.append(np.mean([np.asarray(fn(params, b)) for b in batches], axis=0))
+    return np.concatenate(out, axis=-1)

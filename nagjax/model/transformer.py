@@ -11,6 +11,7 @@ microscope (an observer of every sublayer) all run it through `Transformer.run_b
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable
 
 import jax
@@ -176,41 +177,84 @@ class Transformer(nnx.Module):
                 pieces.append((graphdef, params, ids[lo:hi], (lo, hi), seg_ctx))
         return pieces
 
+    def block_params(self) -> list:
+        """Every block's parameters on their own (slices of the stacks), in block order: the
+        `blocks` of `run_blocks`."""
+        out = []
+        for _, stack in self.block_stacks():
+            params = nnx.split(stack)[1]
+            n = jax.tree.leaves(params)[0].shape[0]
+            out += [jax.tree.map(lambda x, j=j: x[j], params) for j in range(n)]
+        return out
+
     def run_blocks(self, state: State, positions_bt=None, ctx: StepContext | None = None, *,
-                   call=None, per_block=None):
+                   call=None, per_block=None, side=None, blocks=None):
         """Scan the stacked blocks; per-block outputs come back stacked as [depth, ...].
 
         `call(block, carry, positions_bt, block_index, ctx, extra) -> (carry, ys)` wraps the
         block forward (e.g. with a cached attention sublayer, or an observer), with `extra` the
-        block's slice of `per_block` (a pytree with a leading [depth] axis, e.g. the KV cache).
+        block's slice of `per_block` (a pytree with a leading [depth] axis). `side` is carried
+        through the whole scan beside the state (e.g. every block's KV cache, updated in place
+        rather than sliced and restacked); with it the carry is `(state, side)`, for `call` and
+        in the result.
+
+        `blocks` (from `block_params`, sliced once outside a decoding loop) runs the blocks one
+        after another instead of scanning them. A scan copies each block's weights out of the
+        stack on every step, whether or not a sublayer runs; with `blocks` a decoding step reads
+        the weights where they are, and a sublayer skipped under `lax.cond` costs nothing.
         """
         ctx = ctx or StepContext()
         if positions_bt is None:
             b, t = jax.tree.leaves(state)[0].shape[:2]
             positions_bt = jnp.broadcast_to(jnp.arange(t), (b, t))
+        if side is not None:
+            state = (state, side)
+
+        def body(graphdef, carry, xs, seg_ctx):
+            params, block_index, extra, tau = xs
+            block = nnx.merge(graphdef, params)
+            # batch-sharded stream
+            carry = constrain_stream(carry) if side is None else (constrain_stream(carry[0]), carry[1])
+            if tau is not None:  # this block's thresholds [2] (rows follow stack positions)
+                seg_ctx = dataclasses.replace(seg_ctx, routing=dataclasses.replace(seg_ctx.routing, tau=tau))
+            if call is None:
+                return block(carry, positions_bt, block_index, seg_ctx)
+            return call(block, carry, positions_bt, block_index, seg_ctx, extra)
+
+        if blocks is not None:
+            return self._run_unstacked(blocks, state, ctx, per_block, body)
         outputs = []
         for graphdef, params, block_ids, (lo, hi), seg_ctx in self.scan_pieces(ctx):
-
-            def body(carry, xs, seg_ctx=seg_ctx):
-                params, block_index, extra, tau = xs
-                block = nnx.merge(graphdef, params)
-                carry = constrain_stream(carry)  # batch-sharded
-                if tau is not None:  # this block's thresholds [2] (rows follow stack positions)
-                    seg_ctx = dataclasses.replace(seg_ctx, routing=dataclasses.replace(seg_ctx.routing, tau=tau))
-                if call is None:
-                    return block(carry, positions_bt, block_index, seg_ctx)
-                return call(block, carry, positions_bt, block_index, seg_ctx, extra)
-
+            body_fn = functools.partial(body, graphdef, seg_ctx=seg_ctx)
             if self.cfg.remat != "none":
-                body = jax.checkpoint(body, policy=REMAT_POLICIES[self.cfg.remat])
+                body_fn = jax.checkpoint(body_fn, policy=REMAT_POLICIES[self.cfg.remat])
             extra = None if per_block is None else jax.tree.map(lambda x, a=lo, b=hi: x[a:b], per_block)
             tau = seg_ctx.routing.tau
             xs = (params, block_ids, extra, None if tau is None else jnp.asarray(tau, jnp.float32)[lo:hi])
-            state, ys = jax.lax.scan(body, state, xs, unroll=min(self.cfg.scan_unroll, len(block_ids)))
+            state, ys = jax.lax.scan(body_fn, state, xs, unroll=min(self.cfg.scan_unroll, len(block_ids)))
             outputs.append(ys)
         if len(outputs) == 1:
             return state, outputs[0]
         return state, jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *outputs)
+
+    def _run_unstacked(self, blocks: list, carry, ctx: StepContext, per_block, body):
+        """`run_blocks` over per-block parameters, one block after another (same segments)."""
+        graphdefs = []
+        for _, stack in self.block_stacks():
+            graphdef, params = nnx.split(stack)
+            graphdefs += [graphdef] * jax.tree.leaves(params)[0].shape[0]
+        if len(blocks) != len(graphdefs):
+            raise ValueError(f"run_blocks: {len(blocks)} block parameter trees for {len(graphdefs)} blocks")
+        ids = self.cfg.block_index_list
+        ys = []
+        for start, stop, routing in modlib.segments(self.cfg.depth, self.routing(ctx)):
+            seg_ctx = dataclasses.replace(ctx, routing=routing)
+            for i in range(start, stop):
+                extra = None if per_block is None else jax.tree.map(lambda x, i=i: x[i], per_block)
+                tau = None if routing.tau is None else jnp.asarray(routing.tau, jnp.float32)[i]
+                carry, y = body(graphdefs[i], carry, (blocks[i], jnp.int32(ids[i]), extra, tau), seg_ctx)
+                ys.append(y)
+        return carry, jax.tree.map(lambda *xs: jnp.stack(xs), *ys)
 
 
 def build_model(cfg: ModelConfig, seed: int = 0, mod: ModConfig | None = None) -> Transformer:

@@ -27,7 +27,7 @@ from nagjax.model.layers import param
 from nagjax.model.residual.base import ParamGroup, Scheme, State, StepContext, Sublayer
 from nagjax.sharding import map_over_batch
 from pallas_kernels.nag_update import nag_update, resolve_impl
-from pallas_kernels.nag_update.reference import modulator
+from pallas_kernels.nag_update.reference import gated_update, modulator
 from pallas_kernels.nag_update.reference import nag_update as nag_update_reference
 
 BETA_RAW_INIT = 0.5413  # softplus(0.5413) = 1.0
@@ -128,7 +128,7 @@ class NagResidual(nnx.Module):
             m = modulator(state["direction"], w, b, logits, beta, gate_floor=self.gate_floor)
             new, executed = modlib.run_routed(
                 routing, m, state, positions_bt, sublayer, slot,
-                read=lambda s: s["direction"], apply=functools.partial(self._apply, gate=gate))
+                read=lambda s: s["direction"], apply=functools.partial(self._apply, gate=gate, m=m))
         else:
             f = sublayer(state["direction"], positions_bt, kv=None)
             direction, dlog, m = self._update(f, state["direction"], *gate)
@@ -146,16 +146,15 @@ class NagResidual(nnx.Module):
         }
         return new, stats
 
-    def _apply(self, f, state: State, executed, *, gate):
-        """The update of the rows a routed sublayer ran for (`executed` None: all of them). Under
-        thresholds the skipped rows get gain 0, an exact identity in both lanes (§1.2)."""
+    def _apply(self, f, state: State, executed, *, gate, m):
+        """The update of the rows a routed sublayer ran for (`executed` None: all of them, e.g.
+        the gathered top-k rows). Under thresholds the skipped rows get gain 0, an exact identity
+        in both lanes (§1.2); the gain uses the m already computed for routing."""
         if executed is None:
             direction, dlog, _ = self._update(f, state["direction"], *gate)
         else:
-            alpha, beta, w, b, logits = gate
-            alpha_bt = jnp.where(executed, alpha, 0.0)  # per-token gain: the reference update
-            direction, dlog, _ = nag_update_reference(
-                f, state["direction"], alpha_bt, beta, w, b, logits, eps=self.eps, gate_floor=self.gate_floor)
+            g = jnp.where(executed, gate[0], 0.0) * m  # per-token gain: the reference update
+            direction, dlog = gated_update(f, state["direction"], g, eps=self.eps)
         return {"log_norm": state["log_norm"] + dlog, "direction": direction}
 
     def _update(self, f, direction, alpha, beta, w, b, logits):
