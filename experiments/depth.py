@@ -58,14 +58,15 @@ def _variants(base: Config, depths) -> tuple:
 
 @sweep
 def depth_cpu() -> DepthSweep:
-    """Depth sweep, CPU size: 4 schemes x depth 2/4/8 at d=32, 15k tokens per run, 3 LRs x 2 seeds (a smoke test)."""
+    """Depth sweep, CPU size: 4 schemes x depth 2/4/8 at d=32, 15k tokens per run, 5 LRs x 2 seeds (a smoke test;
+    60 steps favour large rates: the first run's optima all sat at the top of 1.5e-3..6e-3)."""
     base = Config(
         model=ModelConfig(d_model=32, n_heads=2, d_ff=64),
         data=DataConfig(seq_len=32, batch_size=8, vocab_size=4096),
         optim=OptimConfig(lr=3e-3, warmup_steps=10),
         train=TrainConfig(eval_every=0, eval_batches=4, checkpoint_every=0, log_every=20, progress_bar=False),
     )
-    return DepthSweep(_variants(base, (2, 4, 8)), tokens=60 * 8 * 32, lrs=(1.5e-3, 3e-3, 6e-3), seeds=2,
+    return DepthSweep(_variants(base, (2, 4, 8)), tokens=60 * 8 * 32, lrs=(1.5e-3, 3e-3, 6e-3, 1.2e-2, 2.4e-2), seeds=2,
                       description=depth_cpu.__doc__)
 
 
