@@ -67,7 +67,7 @@ def depth_cpu() -> DepthSweep:
         train=TrainConfig(eval_every=0, eval_batches=4, checkpoint_every=0, log_every=20, progress_bar=False),
     )
     return DepthSweep(_variants(base, (2, 4, 8)), tokens=60 * 8 * 32, lrs=(1.5e-3, 3e-3, 6e-3, 1.2e-2, 2.4e-2), seeds=2,
-                      description=depth_cpu.__doc__)
+                      description=" ".join(depth_cpu.__doc__.split()))
 
 
 @sweep
@@ -81,4 +81,4 @@ def depth_h100() -> DepthSweep:
     )
     # 2^26 tokens = 2.5 passes over data/real77 (26M tokens)
     return DepthSweep(_variants(base, (6, 12, 24, 48)), tokens=2 ** 26, lrs=(1e-3, 2e-3, 4e-3), seeds=2,
-                      description=depth_h100.__doc__)
+                      description=" ".join(depth_h100.__doc__.split()))
