@@ -49,19 +49,24 @@ def nag_update(f, direction, alpha, beta, w_cd, b_c, logits_c, *, eps=1e-6, gate
       (float64 if the inputs are float64).
     """
     acc = jnp.promote_types(direction.dtype, jnp.float32)
-    m = modulator(direction.astype(acc), w_cd, b_c, logits_c, beta, gate_floor=gate_floor)
-    new, dlog = gated_update(f, direction, alpha.astype(acc) * m, eps=eps)
+    d32 = direction.astype(acc)
+    u = orthogonal_update(f, direction, eps=eps)
+    m = modulator(d32, w_cd, b_c, logits_c, beta, gate_floor=gate_floor)
+    new, dlog = _rotate(d32, u, alpha.astype(acc) * m, direction.dtype, eps)
     return new, dlog, m
 
 
 def gated_update(f, direction, g, *, eps=1e-6):
     """The update at a given gain g = alpha * m per row: (D' in D's dtype, 0.5*log1p(g^2)).
     A caller that already has m (Mixture-of-Depths reads it to route) uses this directly."""
-    acc = jnp.promote_types(direction.dtype, jnp.float32)
-    d32 = direction.astype(acc)
-    u = orthogonal_update(f, direction, eps=eps)
+    d32 = direction.astype(jnp.promote_types(direction.dtype, jnp.float32))
+    return _rotate(d32, orthogonal_update(f, direction, eps=eps), g, direction.dtype, eps)
+
+
+def _rotate(d32, u, g, dtype, eps):
+    """D' = normalise(D + g u) in D's dtype, and the norm lane's 0.5*log1p(g^2)."""
     new = d32 + g[..., None] * u
     new = new * jax.lax.rsqrt(jnp.mean(new * new, axis=-1, keepdims=True) + eps * eps)
     # g = 0 must be an exact identity in both lanes (a skipped sublayer), not D / RMS(D).
     new = jnp.where((g == 0)[..., None], d32, new)
-    return new.astype(direction.dtype), 0.5 * jnp.log1p(g * g)
+    return new.astype(dtype), 0.5 * jnp.log1p(g * g)
