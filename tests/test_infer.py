@@ -92,6 +92,23 @@ def test_prefill_then_decode_equals_the_full_forward_and_token_by_token(kv, thre
 
 
 @pytest.mark.parametrize("kv", ["kept", "all"])
+def test_real_skipping_never_copies_the_cache(kv):
+    """A cache written inside a lax.cond branch is copied in and out of it on every step (a cost
+    that grows with the context): the compiled decode step must update every block's cache in
+    place, for both K/V rules."""
+    *_, graphdef, params, blocks, _ = _setup(kv)
+    slots = 97  # a cache length no other array of the step has
+    cache = init_cache(CFG, 2, slots, jnp.float32)
+    step = decode_step_fn(graphdef, thresholds=True, skip_compute=True)
+    hlo = step.lower(params, blocks, cache, jnp.zeros(2, jnp.int32), jnp.zeros(2, jnp.int32),
+                     jnp.ones(2, bool), _thresholds(kv, 0.5)).compile().as_text()
+    k_shape = "f32[{}]".format(",".join(map(str, cache[0]["k"].shape)))
+    assert hlo.count(f" {k_shape}") > 0  # the shape as the HLO spells it
+    copies = [line for line in hlo.splitlines() if f"{k_shape}" in line and " copy(" in line]
+    assert copies == []
+
+
+@pytest.mark.parametrize("kv", ["kept", "all"])
 def test_real_skipping_in_a_batch_is_bit_identical(kv):
     """Three rows at their own positions: a sublayer is computed iff some row executes it
     (lax.cond), with the compute-and-discard path's logits bit for bit."""
@@ -150,6 +167,9 @@ def test_generation_without_thresholds_runs_every_sublayer_and_checks_its_input(
     out = generate_ids(graphdef, params, [[1, 2, 3]], eos_id=-1, max_new_tokens=4, pad_to=7)
     assert len(out.tokens[0]) == 4 and out.decode_steps == 3 and out.skip_rate == 0 and out.calls_saved == 0
     assert out.tokens_per_second > 0 and out.flops_per_token == out.dense_flops_per_token
+    # compiled functions are reused per argument type, the parameters' included
+    half = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+    assert len(generate_ids(graphdef, half, [[1, 2, 3]], eos_id=-1, max_new_tokens=4, pad_to=7).tokens[0]) == 4
     with pytest.raises(ValueError, match="at least one token"):
         generate_ids(graphdef, params, [[]], eos_id=-1)
     with pytest.raises(ValueError, match="pad_to"):

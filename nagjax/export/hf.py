@@ -49,8 +49,10 @@ def export_workdir(workdir: str | pathlib.Path, out: str | pathlib.Path, fmt: st
                           "mod_rate": run.config.mod.rate})
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (out / "generation_config.json").write_text(json.dumps(
-        {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "use_cache": False}, indent=2) + "\n")
+    generation = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}
+    if config["model_type"] == "nagjax":  # the self-contained modelling code keeps no KV cache
+        generation["use_cache"] = False
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     if config["model_type"] == "nagjax":
         here = pathlib.Path(__file__).resolve().parent
         for name in remote.CODE_FILES:

@@ -134,7 +134,7 @@ def sample_tokens(logits_bv, key, temperature: float, top_k: int):
 def generation_fn(graphdef: nnx.GraphDef, *, thresholds: bool, skip_compute: bool, max_new_tokens: int,
                   temperature: float, top_k: int):
     """jit: (params, blocks, prefilled cache, logits_bv, lengths_b, tau, key, eos_id) -> (tokens [b, max_new] with
-    -1 after a row stopped, decode steps, counts {executed, ran: [depth, 2], tokens}).
+    -1 after a row stopped, decode steps, counts {executed, ran: [depth, 2], tokens}, final cache).
 
     Row b's first token comes from the prefill logits; its next tokens sit at positions
     lengths_b, lengths_b + 1, ... A row stops after EOS (finished rows execute nothing skippable
@@ -169,7 +169,9 @@ def generation_fn(graphdef: nnx.GraphDef, *, thresholds: bool, skip_compute: boo
             return i + 1, cache, tokens, done | (token == eos_id), key, counts
 
         carry = (jnp.int32(1), cache, tokens, first == eos_id, key, counts)
-        i, _, tokens, _, _, counts = jax.lax.while_loop(more, step, carry)
-        return tokens, i - 1, counts
+        i, cache, tokens, _, _, counts = jax.lax.while_loop(more, step, carry)
+        return tokens, i - 1, counts, cache
 
-    return jax.jit(generate)  # the cache lives in the loop's carry, updated in place
+    # The prefilled cache is donated and comes back as the last output, so the loop updates it in
+    # place instead of copying it into its carry first.
+    return jax.jit(generate, donate_argnums=(2,))

@@ -34,25 +34,31 @@ class CachedAttention:
     attention sees. Writing first and reading the written cache lets XLA update it in place.
 
     The cache is `carry` so that Mixture-of-Depths can run this sublayer under `lax.cond`
-    (`nagjax.model.mod.run_routed`, real skipping) and thread it through both branches; when no
-    token executes attention but every token gives K/V (kv="all"), `record_kv` writes them
-    without computing the attention. A slot nothing writes stays invalid.
+    (`nagjax.model.mod.run_routed`, real skipping) and thread it through both branches; when every
+    token gives K/V (kv="all"), `record_kv` writes them before the branch and the attention, if it
+    runs, only reads the cache. A slot nothing writes stays invalid.
     """
 
     def __init__(self, attention, cache: dict, live_bt, *, read_cache: bool = True):
         self.attention, self.carry, self.live, self.read_cache = attention, cache, live_bt, read_cache
+        self.recorded = None  # (k, v, gives) written by `record_kv` ahead of the call
 
     def record_kv(self, x_btd, positions_bt, gives_bt=None):
-        """Write the new tokens' K/V ([b, t, kv, hd]) where they give K/V; returns them."""
+        """Write the new tokens' K/V ([b, t, kv, hd]) where they give K/V; the call that follows
+        reads them instead of writing again."""
         k, v = self.attention.keys_values(x_btd, positions_bt)
         gives = self.live if gives_bt is None else gives_bt & self.live
         self.carry = write_kv(self.carry, positions_bt, k, v, gives)
-        return k, v, gives
+        self.recorded = (k, v, gives)
+        return self.recorded
 
     def __call__(self, x_btd, positions_bt, kv: KVSource | None = None):
         if kv is not None and kv.x_btd is not None:
             raise ValueError("CachedAttention: keys from other tokens (top-k routing) are a training path")
-        k, v, gives = self.record_kv(x_btd, positions_bt, None if kv is None else kv.valid_bt)
+        if self.recorded is not None:
+            k, v, gives = self.recorded
+        else:
+            k, v, gives = self.record_kv(x_btd, positions_bt, None if kv is None else kv.valid_bt)
         q = self.attention.queries(x_btd, positions_bt)
         if self.read_cache:
             valid = self.carry["valid"]  # [b, T], this call's tokens included

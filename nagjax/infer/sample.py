@@ -82,8 +82,10 @@ _COMPILED: dict = {}
 
 def _compiled(name: str, build, key: tuple, args) -> tuple:
     """(compiled function, seconds spent compiling it now) for these static options and shapes."""
-    shapes = tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves(args[1:]))
-    full_key = (name, key, shapes)
+    def spec(x):  # every argument, the parameters included: another dtype or sharding recompiles
+        return x.shape, str(x.dtype), str(getattr(x, "sharding", None))
+
+    full_key = (name, key, jax.tree.structure(args), tuple(spec(x) for x in jax.tree.leaves(args)))
     if full_key in _COMPILED:
         return _COMPILED[full_key], 0.0
     t0 = time.perf_counter()
@@ -144,7 +146,7 @@ def generate_ids(graphdef: nnx.GraphDef, params, prompts: Sequence[Sequence[int]
                          (graphdef, tuple(options.items()), tuple(sampling.items())),
                          (params, blocks, cache, logits, lengths_b, tau, key, eos))
     t0 = time.perf_counter()
-    out, steps, counts = jax.block_until_ready(loop(params, blocks, cache, logits, lengths_b, tau, key, eos))
+    out, steps, counts, _ = jax.block_until_ready(loop(params, blocks, cache, logits, lengths_b, tau, key, eos))
     decode_seconds = time.perf_counter() - t0
 
     out = np.asarray(out)

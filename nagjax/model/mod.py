@@ -271,7 +271,8 @@ def run_routed(routing: Routing, signal_bt, state: dict, positions_bt, sublayer:
     token executes it; otherwise the state comes back unchanged, which is what `apply` returns
     when no row executed (the scheme's exact identity), so both paths give the same bits. Under
     kv="all" the skipping tokens still give K/V: a sublayer that keeps them (a cached attention)
-    writes them with `sublayer.record_kv(x_btd, positions_bt)`, without computing its output.
+    writes them first, outside the branch, with `sublayer.record_kv(x_btd, positions_bt)`; its
+    call then reads what was recorded.
     """
     attention_kv_all = slot == ATTENTION and routing.config.kv == "all"
     if routing.mode == "topk":
@@ -299,13 +300,13 @@ def run_routed(routing: Routing, signal_bt, state: dict, positions_bt, sublayer:
     def run():
         return apply(sublayer(x_btd, positions_bt, kv=kv), state, executed)
 
-    def skip():
-        record_kv = getattr(sublayer, "record_kv", None)
-        if attention_kv_all and record_kv is not None:
-            record_kv(x_btd, positions_bt)
-        return state
-
-    return _cond(jnp.any(executed), run, skip, sublayer), executed
+    if attention_kv_all and hasattr(sublayer, "record_kv"):
+        # Every token gives K/V whether or not it runs attention: write them once, before the
+        # branch, so that neither branch writes the cache (a cache written inside a lax.cond is
+        # copied in and out of it, a cost that grows with the cache length).
+        sublayer.record_kv(x_btd, positions_bt)
+        return jax.lax.cond(jnp.any(executed), run, lambda: state), executed
+    return _cond(jnp.any(executed), run, lambda: state, sublayer), executed
 
 
 def _cond(pred, run: Callable, skip: Callable, sublayer):

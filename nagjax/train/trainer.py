@@ -177,9 +177,9 @@ class Trainer:
                 process_index=jax.process_index(), process_count=jax.process_count(),
             )
         keys = ("loss_sum", "count", "loss_topk_sum")
-        totals, skip_rates, by_source = dict.fromkeys(keys, 0.0), [], {}
+        totals, skip, by_source = dict.fromkeys(keys, 0.0), 0.0, {}
         for es in self._eval_batches:
-            sums = dict.fromkeys(keys, 0.0)
+            sums, skip_rates = dict.fromkeys(keys, 0.0), []
             for batch in es.batches:
                 out = jax.device_get(self.steps.eval(self.state["params"], self.state["aux"],
                                                      sharding.global_batch(self.mesh, batch)))
@@ -189,12 +189,14 @@ class Trainer:
                     skip_rates.append(np.asarray(out["skip_rate"]))
             loss = sums["loss_sum"] / sums["count"]
             by_source[es.name] = {"loss": loss, "bpb": loss / math.log(2) / es.bytes_per_token}
-            for key in keys:  # weighted per-token means, so each source counts by its weight
+            # per-token means weighted by source (batches have equal sizes), as the losses are
+            for key in keys:
                 totals[key] += es.weight * sums[key] / sums["count"]
+            if skip_rates:
+                skip = skip + es.weight * np.mean(skip_rates, axis=0)  # [depth, 2]
         result = {"loss": sum(es.weight * by_source[es.name]["loss"] for es in self._eval_batches),
                   "bpb": sum(es.weight * by_source[es.name]["bpb"] for es in self._eval_batches)}
-        if skip_rates:
-            skip = np.mean(skip_rates, axis=0)  # [depth, 2]; batches have equal sizes
+        if np.ndim(skip):
             result["loss_topk"] = totals["loss_topk_sum"] / totals["count"]
             result["skip_rate"] = float(skip.mean())
             result["forward_flops_per_token"] = flops.forward_breakdown(
