@@ -95,10 +95,14 @@ def cmd_list(args) -> int:
 
 
 def cmd_data(args) -> int:
+    from nagjax.config import ConfigError
     from nagjax.data.build import run_data_command
     from nagjax.data.sources import Inputs
     from nagjax.interrupts import Interrupted
 
+    if (args.data_files or args.dataset_config) and not args.dataset:
+        raise ConfigError("--data-files and --dataset-config apply to a Hugging Face dataset: "
+                          "add --dataset NAME_OR_PATH (or drop them)")
     inputs = Inputs(
         files=tuple(args.input), text_field=args.text_field, encoding_errors=args.encoding_errors,
         dataset=args.dataset or "", dataset_config=args.dataset_config or "",

@@ -374,3 +374,17 @@ def test_worker_processes_give_the_same_batches_and_resume():
         resumed.close()
     plain = train_iterator(CFG)  # same stream as in the main process
     assert _windows([next(plain) for _ in range(8)]) == _windows(first + expected)
+
+
+def test_a_folder_input_skips_metadata_json_and_dataset_flags_need_a_dataset(tmp_path, capsys):
+    from nagjax.cli import main
+
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "a.txt").write_text("\n\n\n".join(f"document {i} " + "word " * 50 for i in range(200)))
+    (folder / "dataset_info.json").write_text('{"description": "not a document"}')
+    assert main(["data", "--input", str(folder), "--output", str(tmp_path / "out"), "--vocab-size", "300",
+                 "--no-progress"]) == 0
+    assert json.loads((tmp_path / "out" / "meta.json").read_text())["inputs"] == [str(folder / "a.txt")]
+    assert main(["data", "--input", str(folder), "--output", str(tmp_path / "x"), "--data-files", "*.parquet"]) == 2
+    assert "add --dataset" in capsys.readouterr().err

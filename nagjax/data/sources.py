@@ -137,9 +137,13 @@ def expand_inputs(inputs) -> list[pathlib.Path]:
     for item in inputs:
         p = pathlib.Path(item).expanduser()
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and _supported(f))
+            # Bare .json files in a folder are mostly metadata (meta.json, dataset_info.json): a
+            # folder contributes .json files only when named one by one.
+            found = sorted(f for f in p.rglob("*") if f.is_file() and _supported(f)
+                           and f.suffix.lower() != ".json")
             if not found:
-                raise DataError(f"input directory {p} holds no .txt/.jsonl(.gz/.xz)/.parquet files")
+                raise DataError(f"input directory {p} holds no .txt/.jsonl(.gz/.xz)/.parquet files "
+                                "(.json files count only when given by name)")
             files += found
         elif p.is_file():
             input_kind(p)
