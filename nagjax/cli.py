@@ -162,7 +162,7 @@ def cmd_sample(args) -> int:
 
     from nagjax.analysis.diagnostics import load_run, validation_batches
     from nagjax.config import ConfigError
-    from nagjax.data.mixture import tokenizer_of
+    from nagjax.data.mixture import run_tokenizer
     from nagjax.infer.sample import generate
     from nagjax.model import mod as modlib
 
@@ -172,7 +172,7 @@ def cmd_sample(args) -> int:
         raise ConfigError(f"--max-tokens: expected at least 1, got {args.max_tokens}")
     run = load_run(args.workdir)
     cfg = run.config
-    tokenizer = tokenizer_of(cfg.data)
+    tokenizer = run_tokenizer(cfg.data, args.workdir)
     thresholds, source = None, "none (dense)"
     if modlib.has_skip_signal(cfg.model) and not args.dense:
         if args.mod_rate == 0:

@@ -110,3 +110,18 @@ def test_mixture_training_resumes_exactly_logs_per_source_and_samples(two_source
                  "--temperature", "0"]) == 0
     printed = capsys.readouterr().out
     assert printed.startswith("The") and "<|endoftext|>" not in printed[:3]
+    # The run keeps its own tokenizer: it samples and exports the same where its shards are not.
+    kept = tmp_path / "full" / "tokenizer"
+    assert (kept / "tokenizer.json").read_bytes() == (two_sources["prose"] / "tokenizer.json").read_bytes()
+    away = {p: p.with_name(p.name + ".away") for p in two_sources.values()}
+    for here, there in away.items():
+        here.rename(there)
+    try:
+        assert main(["sample", "--workdir", str(tmp_path / "full"), "--prompt", "The", "--max-tokens", "4",
+                     "--temperature", "0"]) == 0
+        assert capsys.readouterr().out == printed
+        assert main(["export", "--workdir", str(tmp_path / "full"), "--out", str(tmp_path / "hf")]) == 0
+        assert (tmp_path / "hf" / "tokenizer.json").read_bytes() == (kept / "tokenizer.json").read_bytes()
+    finally:
+        for here, there in away.items():
+            there.rename(here)

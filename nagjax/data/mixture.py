@@ -17,11 +17,17 @@ both folders. A config without `data.sources` is a one-source "mixture" named ""
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import pathlib
+import shutil
 
 from nagjax.config import parse_sources
 from nagjax.data.corpus import DataError
 from nagjax.data.shards import TokenSplit, open_source
-from nagjax.data.tokenizer import Tokenizer
+from nagjax.data.tokenizer import Tokenizer, load_tokenizer
+
+RUN_TOKENIZER = "tokenizer"  # WORKDIR/tokenizer/: the run's own copy of its tokeniser
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,3 +68,38 @@ def open_sources(data_cfg, split: str) -> list[tuple[Source, TokenSplit]]:
 def tokenizer_of(data_cfg) -> Tokenizer:
     """The (shared) tokeniser of a config's data."""
     return open_sources(data_cfg, "train")[0][1].tokenizer
+
+
+def keep_with_run(tokenizer: Tokenizer, workdir: str | os.PathLike) -> None:
+    """Copy the tokeniser (and a tokenizer_config.json naming its special tokens) into
+    WORKDIR/tokenizer/, so that the trained run can be sampled and exported on a machine without
+    its shards. Written to a temporary folder and renamed: never half there."""
+    folder = pathlib.Path(workdir) / RUN_TOKENIZER
+    if (folder / tokenizer.filename).is_file() and load_tokenizer(folder).sha256() == tokenizer.sha256():
+        return
+    tmp = folder.with_name(RUN_TOKENIZER + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    shutil.copyfile(tokenizer.path, tmp / tokenizer.filename)
+    beside = tokenizer.path.parent / "tokenizer_config.json"
+    config = json.loads(beside.read_text()) if beside.is_file() else {}
+    if tokenizer.eos_token:  # the eos the shards were built with (--eos-token wins over the file)
+        config["eos_token"] = tokenizer.eos_token
+    if config:
+        (tmp / beside.name).write_text(json.dumps(config, indent=1) + "\n")
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+
+
+def run_tokenizer(data_cfg, workdir: str | os.PathLike) -> Tokenizer:
+    """The tokeniser of a trained run: its data's, or, where the shards are not (another
+    machine), the copy the trainer kept in WORKDIR/tokenizer/."""
+    try:
+        return tokenizer_of(data_cfg)
+    except DataError as e:
+        folder = pathlib.Path(workdir) / RUN_TOKENIZER
+        if folder.is_dir():
+            return load_tokenizer(folder)
+        raise DataError(f"{e}; nor does {pathlib.Path(workdir)} hold its own copy ({RUN_TOKENIZER}/, "
+                        "kept by runs trained with this version): copy the shard folder here") from None
+

@@ -26,7 +26,7 @@ def export_workdir(workdir: str | pathlib.Path, out: str | pathlib.Path, fmt: st
     if fmt not in FORMATS:
         raise ConfigError(f"--format: got {fmt!r}; expected one of {', '.join(FORMATS)}")
     from nagjax.analysis.diagnostics import load_run
-    from nagjax.data.mixture import tokenizer_of
+    from nagjax.data.mixture import run_tokenizer
     from nagjax.model.residual import get_scheme
 
     run = load_run(workdir, step)
@@ -42,7 +42,7 @@ def export_workdir(workdir: str | pathlib.Path, out: str | pathlib.Path, fmt: st
         raise ConfigError("nagjax export needs safetensors: pip install safetensors") from None
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = tokenizer_of(run.config.data)
+    tokenizer = run_tokenizer(run.config.data, workdir)
     config.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
                   max_position_embeddings=run.config.data.seq_len,
                   nagjax={"step": run.step, "residual": cfg.residual, "name": run.config.name,

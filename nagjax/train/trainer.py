@@ -153,6 +153,7 @@ class Trainer:
         if jax.process_index() == 0 and not for_eval:  # one writer on a shared filesystem
             write_json_atomic(self.workdir / "config.json", self.config.to_dict())
             write_json_atomic(self.workdir / "run_info.json", self.run_info)
+            mixture.keep_with_run(mixture.tokenizer_of(cfg.data), self.workdir)  # sample/export anywhere
         self.flops_per_token = flops.train_flops_per_token(cfg.model, cfg.data.seq_len, mod=cfg.mod)
         self._eval_batches = None
 
