@@ -63,15 +63,6 @@ def forward_cached(model, blocks: list, cache: list, tokens_bt, positions_bt, li
     return state, cache, counts
 
 
-def _at(state: dict, index_b) -> dict:
-    """Each row's entry at its own index along the sequence axis, keeping a length-1 axis."""
-    def one(x):
-        idx = index_b.reshape((-1, 1) + (1,) * (x.ndim - 2))
-        return jnp.take_along_axis(x, idx, axis=1)
-
-    return jax.tree.map(one, state)
-
-
 @functools.lru_cache(maxsize=16)
 def prefill_fn(graphdef: nnx.GraphDef, *, thresholds: bool, skip_compute: bool, all_logits: bool = False):
     """jit: (params, blocks, empty cache, tokens_bt right-padded, lengths_b, tau) -> (logits, cache, counts):
@@ -86,7 +77,8 @@ def prefill_fn(graphdef: nnx.GraphDef, *, thresholds: bool, skip_compute: bool, 
                                               tau if thresholds else None, skip_compute=skip_compute,
                                               read_cache=False)
         if not all_logits:
-            state = _at(state, lengths_b - 1)  # the head only where the next token is sampled
+            # the head only where the next token is sampled: each row's last prompt token
+            state = jax.tree.map(lambda x: modlib.gather_tokens(x, (lengths_b - 1)[:, None]), state)
         logits = model.logits(state)
         return (logits if all_logits else logits[:, 0]), cache, counts
 

@@ -183,7 +183,7 @@ class Selection:
     def take(self, x):
         """x [b, t, ...] -> its kept rows [b, k, ...]."""
         if not jnp.issubdtype(x.dtype, jnp.inexact):
-            return _gather(x, self.idx)
+            return gather_tokens(x, self.idx)
         return _take_rows(x, self.idx, self.row, self.keep)
 
     def put(self, base, rows):
@@ -211,7 +211,8 @@ def select_topk(signal_bt, k: int) -> Selection:
     return Selection(idx=jnp.minimum(idx, t - 1).astype(jnp.int32), row=count - 1, keep=keep)
 
 
-def _gather(x, idx):
+def gather_tokens(x, idx):
+    """x [b, t, ...] at the positions idx [b, k] of each sequence: [b, k, ...]."""
     return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
 
 
@@ -222,16 +223,16 @@ def _where_kept(keep, a, b):
 
 @jax.custom_vjp
 def _take_rows(x, idx, row, keep):
-    return _gather(x, idx)
+    return gather_tokens(x, idx)
 
 
 def _take_rows_fwd(x, idx, row, keep):
-    return _gather(x, idx), (idx, row, keep)
+    return gather_tokens(x, idx), (idx, row, keep)
 
 
 def _take_rows_bwd(res, ct_rows):
     idx, row, keep = res  # each kept token is exactly one row: the transpose is a gather too
-    return _where_kept(keep, _gather(ct_rows, jnp.maximum(row, 0)), jnp.zeros((), ct_rows.dtype)), None, None, None
+    return _where_kept(keep, gather_tokens(ct_rows, jnp.maximum(row, 0)), jnp.zeros((), ct_rows.dtype)), None, None, None
 
 
 _take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
@@ -239,7 +240,7 @@ _take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
 
 @jax.custom_vjp
 def _put_rows(base, rows, idx, row, keep):
-    return _where_kept(keep, _gather(rows, jnp.maximum(row, 0)), base)
+    return _where_kept(keep, gather_tokens(rows, jnp.maximum(row, 0)), base)
 
 
 def _put_rows_fwd(base, rows, idx, row, keep):
@@ -249,7 +250,7 @@ def _put_rows_fwd(base, rows, idx, row, keep):
 def _put_rows_bwd(res, ct):
     idx, keep = res
     zero = jnp.zeros((), ct.dtype)
-    return _where_kept(keep, zero, ct), _gather(ct, idx), None, None, None
+    return _where_kept(keep, zero, ct), gather_tokens(ct, idx), None, None, None
 
 
 _put_rows.defvjp(_put_rows_fwd, _put_rows_bwd)
@@ -356,15 +357,10 @@ def skip_stats(routing: Routing | None, signal_bt, executed_bt) -> dict[str, jax
 
 def executed_fractions(model: ModelConfig, seq_len: int, mod: ModConfig | None) -> np.ndarray:
     """[depth, 2] share of tokens that run each sublayer under top-k training (k/T), else 1."""
-    out = np.ones((model.depth, 2))
     if not skipping(model, mod):
-        return out
+        return np.ones((model.depth, 2))
     keep = kept_tokens(seq_len, mod.rate, mod.kept_multiple) / seq_len
-    routing = training_routing(mod)
-    for slot in (0, 1):
-        if routing.routes(slot):
-            out[mod.exempt_first_blocks:, slot] = keep
-    return out
+    return np.where(eligible_sublayers(model.depth, training_routing(mod)), keep, 1.0)
 
 
 def kv_follows_execution(mod: ModConfig | None) -> bool:

@@ -157,15 +157,21 @@ class Transformer(nnx.Module):
             return [(0, self.blocks)]
         return [(st.start, stack) for st, stack in zip(taper.stages(self.cfg), self.stages)]
 
+    def split_stacks(self) -> list[tuple[int, nnx.GraphDef, State, int]]:
+        """(position of the first block, graphdef, stacked params, number of blocks) per stack."""
+        out = []
+        for stack_start, stack in self.block_stacks():
+            graphdef, params = nnx.split(stack)
+            out.append((stack_start, graphdef, params, jax.tree.leaves(params)[0].shape[0]))
+        return out
+
     def scan_pieces(self, ctx: StepContext):
         """(graphdef, stacked params, original block indices, (lo, hi) positions in the stack, ctx)
         of each scan: the stacks cut by the Mixture-of-Depths segments (one scan without either)."""
         ids = jnp.asarray(self.cfg.block_index_list)
         segments = modlib.segments(self.cfg.depth, self.routing(ctx))
         pieces = []
-        for stack_start, stack in self.block_stacks():
-            graphdef, block_params = nnx.split(stack)
-            n = jax.tree.leaves(block_params)[0].shape[0]
+        for stack_start, graphdef, block_params, n in self.split_stacks():
             for start, stop, routing in segments:
                 lo, hi = max(start, stack_start), min(stop, stack_start + n)
                 if hi <= lo:
@@ -180,12 +186,8 @@ class Transformer(nnx.Module):
     def block_params(self) -> list:
         """Every block's parameters on their own (slices of the stacks), in block order: the
         `blocks` of `run_blocks`."""
-        out = []
-        for _, stack in self.block_stacks():
-            params = nnx.split(stack)[1]
-            n = jax.tree.leaves(params)[0].shape[0]
-            out += [jax.tree.map(lambda x, j=j: x[j], params) for j in range(n)]
-        return out
+        return [jax.tree.map(lambda x, j=j: x[j], params)
+                for _, _, params, n in self.split_stacks() for j in range(n)]
 
     def run_blocks(self, state: State, positions_bt=None, ctx: StepContext | None = None, *,
                    call=None, per_block=None, side=None, blocks=None):
@@ -239,10 +241,7 @@ class Transformer(nnx.Module):
 
     def _run_unstacked(self, blocks: list, carry, ctx: StepContext, per_block, body):
         """`run_blocks` over per-block parameters, one block after another (same segments)."""
-        graphdefs = []
-        for _, stack in self.block_stacks():
-            graphdef, params = nnx.split(stack)
-            graphdefs += [graphdef] * jax.tree.leaves(params)[0].shape[0]
+        graphdefs = [graphdef for _, graphdef, _, n in self.split_stacks() for _ in range(n)]
         if len(blocks) != len(graphdefs):
             raise ValueError(f"run_blocks: {len(blocks)} block parameter trees for {len(graphdefs)} blocks")
         ids = self.cfg.block_index_list
