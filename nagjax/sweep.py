@@ -29,6 +29,9 @@ from pathlib import Path
 from nagjax import flops
 from nagjax.config import Config, ConfigError, apply_overrides
 
+# What a Mixture-of-Depths run's evaluation adds besides its causal loss (`Trainer.evaluate`).
+MOD_DIAGNOSTICS = ("loss_topk", "skip_rate", "forward_flops_per_token")
+
 
 @dataclass(frozen=True)
 class Variant:
@@ -118,7 +121,7 @@ def run_result(run: PlannedRun, out, workdir: Path) -> dict:
         "depth": cfg.model.depth, "mod_rate": cfg.mod.rate, "steps": cfg.train.steps, "tokens": run.tokens,
         "flops_per_token": run.flops_per_token, "total_flops": run.total_flops,
         "val_loss": None if out is None else out.val_loss, "val_bpb": None if out is None else out.val_bpb,
-        **{k: ev[k] for k in ("loss_topk", "skip_rate", "forward_flops_per_token") if k in ev},
+        **{k: ev[k] for k in MOD_DIAGNOSTICS if k in ev},
         "curve": [(s, loss, s * cfg.data.batch_size * cfg.data.seq_len * run.flops_per_token)
                   for s, loss in _eval_curve(workdir / run.name)],
     }
@@ -176,7 +179,7 @@ def summarise(runs: list[dict]) -> list[dict]:
             "val_bpb": _mean_std([r["val_bpb"] for r in rows])[0],
             "by_lr": {f"{lr:g}": {"mean": m, "std": s, "seeds": len(by_lr[lr])} for lr, (m, s) in stats.items()},
         }
-        for key in ("loss_topk", "skip_rate", "forward_flops_per_token"):
+        for key in MOD_DIAGNOSTICS:
             if all(key in r for r in rows):
                 summary[key] = _mean_std([r[key] for r in rows])[0]
         out.append(summary)

@@ -75,7 +75,8 @@ def keep_with_run(tokenizer: Tokenizer, workdir: str | os.PathLike) -> None:
     WORKDIR/tokenizer/, so that the trained run can be sampled and exported on a machine without
     its shards. Written to a temporary folder and renamed: never half there."""
     folder = pathlib.Path(workdir) / RUN_TOKENIZER
-    if (folder / tokenizer.filename).is_file() and load_tokenizer(folder).sha256() == tokenizer.sha256():
+    kept = folder / tokenizer.filename
+    if kept.is_file() and kept.read_bytes() == tokenizer.path.read_bytes():
         return
     tmp = folder.with_name(RUN_TOKENIZER + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)

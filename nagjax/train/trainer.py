@@ -178,7 +178,7 @@ class Trainer:
                 process_index=jax.process_index(), process_count=jax.process_count(),
             )
         keys = ("loss_sum", "count", "loss_topk_sum")
-        totals, skip, by_source = dict.fromkeys(keys, 0.0), 0.0, {}
+        loss, bpb, topk, skip, by_source = 0.0, 0.0, 0.0, 0.0, {}
         for es in self._eval_batches:
             sums, skip_rates = dict.fromkeys(keys, 0.0), []
             for batch in es.batches:
@@ -188,17 +188,18 @@ class Trainer:
                     sums[key] += float(out.get(key, 0.0))
                 if "skip_rate" in out:
                     skip_rates.append(np.asarray(out["skip_rate"]))
-            loss = sums["loss_sum"] / sums["count"]
-            by_source[es.name] = {"loss": loss, "bpb": loss / math.log(2) / es.bytes_per_token}
-            # per-token means weighted by source (batches have equal sizes), as the losses are
-            for key in keys:
-                totals[key] += es.weight * sums[key] / sums["count"]
+            source = {"loss": sums["loss_sum"] / sums["count"]}
+            source["bpb"] = source["loss"] / math.log(2) / es.bytes_per_token
+            by_source[es.name] = source
+            # each source counts by its weight (per-token means; its batches have equal sizes)
+            loss += es.weight * source["loss"]
+            bpb += es.weight * source["bpb"]
+            topk += es.weight * sums["loss_topk_sum"] / sums["count"]
             if skip_rates:
                 skip = skip + es.weight * np.mean(skip_rates, axis=0)  # [depth, 2]
-        result = {"loss": sum(es.weight * by_source[es.name]["loss"] for es in self._eval_batches),
-                  "bpb": sum(es.weight * by_source[es.name]["bpb"] for es in self._eval_batches)}
+        result = {"loss": loss, "bpb": bpb}
         if np.ndim(skip):
-            result["loss_topk"] = totals["loss_topk_sum"] / totals["count"]
+            result["loss_topk"] = topk
             result["skip_rate"] = float(skip.mean())
             result["forward_flops_per_token"] = flops.forward_breakdown(
                 cfg.model, cfg.data.seq_len, mod=cfg.mod, executed=1.0 - skip).forward
