@@ -1,5 +1,6 @@
 """The train step's memory levers compute the same function: chunked token losses, gradient
-accumulation over microbatches, and every rematerialisation policy."""
+accumulation over microbatches, and every rematerialisation policy; its optimiser is optax's AdamW,
+skipping a bad step in place."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
 from nagjax.config import Config, apply_overrides
 from nagjax.model import build_model
 from nagjax.train.loss import AUTO_LOGITS_BYTES, chunk_length, cross_entropy, token_losses
+from nagjax.train import optim
 from nagjax.train.state import training_state
 
 TOKENS = jax.random.randint(jax.random.key(0), (2, 13), 0, 97)
@@ -150,3 +153,39 @@ def test_evaluation_is_causal(case):
     if cfg.mod.rate > 0:
         out = spec.steps.eval(state["params"], aux, batch)
         assert 0 < float(out["skip_rate"][1:].mean()) < 1 and "loss_topk_sum" in out
+
+
+def test_adamw_is_optax_adamw_and_a_skip_keeps_its_state():
+    lr = optax.warmup_cosine_decay_schedule(0.0, 1e-2, 2, 10)
+    ours, theirs = (make(lr, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1) for make in (optim.adamw, optax.adamw))
+    params = {"w": jax.random.normal(jax.random.key(0), (4, 3)), "b": jnp.ones(3)}
+    state, reference = ours.init(params), theirs.init(params)
+    assert jax.tree.structure(state) == jax.tree.structure(reference)  # checkpoints unchanged
+    for i in range(4):
+        grads = jax.tree.map(lambda p, i=i: jnp.sin(p * (i + 1)), params)
+        updates, state = ours.update(grads, state, params, skip=jnp.asarray(False))
+        expected, reference = theirs.update(grads, reference, params)
+        for a, b in zip(jax.tree.leaves((updates, state)), jax.tree.leaves((expected, reference))):
+            np.testing.assert_array_equal(a, b)  # bit for bit
+    nan_grads = jax.tree.map(lambda p: jnp.full_like(p, jnp.nan), params)
+    _, skipped = jax.jit(ours.update)(nan_grads, state, params, skip=jnp.asarray(True))
+    for a, b in zip(jax.tree.leaves(skipped), jax.tree.leaves(state)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_the_train_step_updates_its_state_in_place():
+    """No copy of a donated input (parameter, moment, accumulator): the bad-step guard used to
+    select the old optimiser state after the update, and XLA copied every moment once per step."""
+    cfg = apply_overrides(Config(), ["model.d_model=32", "model.depth=2", "model.n_heads=2", "model.d_ff=64",
+                                     "model.vocab_size=97", "data.seq_len=12", "data.batch_size=2"])
+    spec = training_state(cfg)
+    tokens = jnp.zeros((2, 12), jnp.int32)
+    hlo = spec.steps.train.lower(spec.abstract, {"inputs": tokens, "targets": tokens}, 0).compile().as_text()
+    entry = hlo[hlo.index("\nENTRY "):]
+    entry = entry[:entry.index("\n}")]
+    inputs = {line.split(" = ")[0].strip() for line in entry.splitlines() if " parameter(" in line
+              and "[]" not in line.split(" = ")[1].split(" ")[0]}  # arrays (a scalar copy is free)
+    assert len(inputs) > 20
+    copied = [line.strip() for line in entry.splitlines()
+              if " copy(" in line and line.split(" copy(")[1].split(")")[0] in inputs]
+    assert copied == []

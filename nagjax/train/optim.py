@@ -6,16 +6,26 @@ Groups, decided from each parameter's *type* and logical axes (never its name or
     `optim.nag_lr_ratio` x the matrix rate; docs/methods.md §1.6);
   * `matrix`: other weight matrices (>= 2 logical axes): AdamW with weight decay;
   * `vector`: other norm gains and scalars (e.g. NAG's decode log-gain): no weight decay.
+
+`update(grads, state, params, skip=bad)` skips a step inside the optimiser: the moments and counts
+stay as they were, and the update is computed from the kept moments. The bad-step guard used to
+select the old optimiser state after optax's update instead; XLA then had to copy every moment once
+per step (the update and the select both read the old moment while the select overwrote it in
+place). The state is optax's own (`ScaleByAdamState`, `ScaleByScheduleState`), so checkpoints are
+unchanged, and a good step computes exactly what `optax.adamw` computes.
 """
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
+import optax.tree_utils as otu
 from flax import nnx
 
 from nagjax.config import OptimConfig
 from nagjax.model.residual import all_param_groups
+from nagjax.train.guard import keep_if_bad
 
 def schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
     """Linear warm-up to `lr`, then cosine decay to `lr * min_lr_ratio` at `total_steps`."""
@@ -27,6 +37,50 @@ def schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
         decay_steps=max(total_steps, warmup + 1),
         end_value=cfg.lr * cfg.min_lr_ratio,
     )
+
+
+def keep_if(skip, old, new):
+    """`new`, or `old` where `skip` (a traced bool; None: never skip)."""
+    return new if skip is None else keep_if_bad(skip, old, new)
+
+
+def scale_by_adam(b1: float, b2: float, eps: float) -> optax.GradientTransformationExtraArgs:
+    """optax.scale_by_adam (same state, same arithmetic in the same order), skippable."""
+    eps_root = 0.0
+
+    def update(updates, state, params=None, *, skip=None, **_):
+        del params
+        mu = otu.tree_update_moment(updates, state.mu, b1, 1)
+        nu = otu.tree_cast_like(otu.tree_update_moment_per_elem_norm(updates, state.nu, b2, 2), state.nu)
+        count = optax.safe_increment(state.count)
+        # The update reads the kept moments: one pass per moment, which XLA does in place.
+        mu, nu, count = keep_if(skip, (state.mu, state.nu, state.count), (mu, nu, count))
+        mu_hat = otu.tree_bias_correction(mu, b1, count)
+        nu_hat = otu.tree_bias_correction(nu, b2, count)
+        updates = jax.tree.map(lambda m, v: m / (jnp.sqrt(v + eps_root) + eps), mu_hat, nu_hat)
+        return updates, optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
+
+    return optax.GradientTransformationExtraArgs(optax.scale_by_adam(b1, b2, eps).init, update)
+
+
+def scale_by_learning_rate(lr: optax.Schedule) -> optax.GradientTransformationExtraArgs:
+    """optax.scale_by_learning_rate of a schedule, skippable (its step count stays)."""
+
+    def update(updates, state, params=None, *, skip=None, **_):
+        del params
+        step_size = -1 * lr(state.count)
+        updates = jax.tree.map(lambda g: jnp.array(step_size, dtype=g.dtype) * g, updates)
+        count = keep_if(skip, state.count, optax.safe_increment(state.count))
+        return updates, optax.ScaleByScheduleState(count=count)
+
+    return optax.GradientTransformationExtraArgs(optax.scale_by_learning_rate(lr).init, update)
+
+
+def adamw(lr: optax.Schedule, *, b1: float, b2: float, eps: float,
+          weight_decay: float) -> optax.GradientTransformationExtraArgs:
+    """optax.adamw with a schedule, whose `update` takes `skip=` (module docstring)."""
+    return optax.chain(scale_by_adam(b1, b2, eps), optax.add_decayed_weights(weight_decay),
+                       scale_by_learning_rate(lr))
 
 
 def group_of(variable: nnx.Variable) -> str:
@@ -45,16 +99,14 @@ def param_groups(params: nnx.State) -> nnx.State:
 def make_optimizer(cfg: OptimConfig, total_steps: int, params: nnx.State) -> optax.GradientTransformation:
     lr = schedule(cfg, total_steps)
 
-    def adamw(scale: float, decay: float):
-        return optax.adamw(
-            lambda step: lr(step) * scale, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=decay
-        )
+    def group_adamw(scale: float, decay: float):
+        return adamw(lambda step: lr(step) * scale, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=decay)
 
     labels = param_groups(params)
-    per_group = {"matrix": adamw(1.0, cfg.weight_decay), "vector": adamw(1.0, 0.0)}
+    per_group = {"matrix": group_adamw(1.0, cfg.weight_decay), "vector": group_adamw(1.0, 0.0)}
     # Every registered group, used by this model or not (an unused one holds an empty state): the
     # optimiser state has one shape for every scheme, so checkpoints of any scheme keep restoring.
     for group in all_param_groups():
-        per_group[group.name] = adamw(group.lr_scale(cfg), cfg.weight_decay if group.weight_decay else 0.0)
+        per_group[group.name] = group_adamw(group.lr_scale(cfg), cfg.weight_decay if group.weight_decay else 0.0)
     chain = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
     return optax.chain(*chain, optax.multi_transform(per_group, labels))

@@ -110,21 +110,22 @@ def make_steps(graphdef: nnx.GraphDef, cfg: ModelConfig, optimizer: optax.Gradie
 
     def train_step(state, batch, step):
         params, opt_state, aux = state["params"], state["opt_state"], state["aux"]
+        guard = aux["guard"]
         (loss, stats), grads = loss_and_grads(params, batch, step)
-        updates, new_opt_state = optimizer.update(grads, opt_state, params)
-        new_params = optax.apply_updates(params, updates)
+        grad_norm = optax.tree.norm(grads)
+        # A bad step (guard.py) changes nothing but the guard's counters; the optimiser skips it
+        # itself (optim.py: selecting the old state afterwards made XLA copy every moment).
+        bad = guard_lib.is_bad(guard, loss, grad_norm, train)
+        updates, new_opt_state = optimizer.update(grads, opt_state, params, skip=bad)
+        new_params = guard_lib.keep_if_bad(bad, params, optax.apply_updates(params, updates))
         block_norms = block_grad_norms(cfg, grads)
-        guard, accumulators = aux["guard"], {k: v for k, v in aux.items() if k != "guard"}
+        accumulators = {k: v for k, v in aux.items() if k != "guard"}
         new_accumulators = {**accumulators,
                             "block_grad_norm_sum": accumulators["block_grad_norm_sum"] + block_norms}
         if skipping:
             new_accumulators = modlib.update_thresholds(
                 new_accumulators, stats.pop("gate_quantiles")[..., 0], mod.threshold_ema)
-        grad_norm = optax.tree.norm(grads)
-        # A bad step (guard.py) changes nothing but the guard's counters.
-        bad = guard_lib.is_bad(guard, loss, grad_norm, train)
-        new_params, new_opt_state, new_accumulators = guard_lib.keep_if_bad(
-            bad, (params, opt_state, accumulators), (new_params, new_opt_state, new_accumulators))
+        new_accumulators = guard_lib.keep_if_bad(bad, accumulators, new_accumulators)
         guard = guard_lib.advance(guard, bad, loss)
         metrics = {
             "loss": loss,
