@@ -20,89 +20,17 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from nagjax.analysis.hlo import ops_of, parse  # noqa: E402
+
 MOVES = {"copy", "transpose", "dynamic-slice", "slice", "convert", "concatenate", "pad",
          "dynamic-update-slice", "copy-start", "copy-done"}
 PASS_THROUGH = {"bitcast", "get-tuple-element", "reshape"}
-TRIVIAL = {"parameter", "constant", "bitcast", "broadcast", "iota", "reshape", "tuple",
-           "get-tuple-element"}
 LAYOUT = {"copy", "transpose"}  # what the issue forbids next to the call
-
-
-@dataclass
-class Instr:
-    name: str
-    op: str
-    shape: str
-    operands: list
-    line: str
-    calls: str | None = None
-    users: list = field(default_factory=list)
-
-
-def _split_shape(rhs: str):
-    """'(f32[2]{0}, bf16[3]{0}) custom-call(...' -> ('(f32[2]{0}, bf16[3]{0})', 'custom-call(...')."""
-    if rhs.startswith("("):
-        depth = 0
-        for i, ch in enumerate(rhs):
-            depth += ch == "("
-            depth -= ch == ")"
-            if depth == 0:
-                return rhs[:i + 1], rhs[i + 1:].lstrip()
-    shape, _, rest = rhs.partition(" ")
-    return shape, rest
-
-
-def parse(hlo: str) -> dict[str, dict[str, Instr]]:
-    """Optimised HLO text -> {computation: {instruction name: Instr}} with operands and users."""
-    comps: dict[str, dict[str, Instr]] = {}
-    current = None
-    for line in hlo.splitlines():
-        s = line.strip()
-        if s.endswith("{") and "(" in s and " = " not in s.split("(")[0]:
-            head = s.split("(")[0].split()
-            current = head[-1].lstrip("%")
-            comps[current] = {}
-            continue
-        if s == "}" or current is None or " = " not in s:
-            continue
-        lhs, rhs = s.split(" = ", 1)
-        name = lhs.replace("ROOT", "").strip().lstrip("%")
-        shape, rest = _split_shape(rhs.strip())
-        m = re.match(r"([a-z][\w\-]*)\((.*)", rest)
-        if not m:
-            continue
-        op, args = m.group(1), m.group(2)
-        depth, end = 1, len(args)
-        for i, ch in enumerate(args):
-            depth += (ch == "(") - (ch == ")")
-            if depth == 0:
-                end = i
-                break
-        operands = re.findall(r"%?([\w.\-]+)", args[:end])
-        calls = re.search(r"calls=%?([\w.\-]+)", rest)
-        ins = Instr(name, op, shape, operands, s, calls.group(1) if calls else None)
-        if s.startswith("ROOT"):
-            ins.line = "ROOT " + ins.line
-        comps[current][name] = ins
-    for instrs in comps.values():
-        for ins in instrs.values():
-            ins.operands = [o for o in ins.operands if o in instrs]
-            for o in ins.operands:
-                instrs[o].users.append(ins.name)
-    return comps
-
-
-def ops_of(ins: Instr, comps) -> set[str]:
-    """The non-trivial opcodes an instruction executes (a fusion: those of its body)."""
-    if ins.op == "fusion" and ins.calls in comps:
-        return {i.op for i in comps[ins.calls].values()} - TRIVIAL
-    return {ins.op}
 
 
 def _producer(name, instrs):
@@ -123,7 +51,7 @@ def _consumers(name, instrs):
 def neighbours(hlo: str, match=("nag_update",)) -> list[dict]:
     """For each custom call whose text contains one of `match`: data-movement producers of its
     operands and consumers of its outputs, as {kernel, side, name, ops, shape, layout_change}."""
-    comps = parse(hlo)
+    comps = parse(hlo).comps
     found = []
     for instrs in comps.values():
         for ins in instrs.values():
@@ -143,7 +71,7 @@ def neighbours(hlo: str, match=("nag_update",)) -> list[dict]:
 
 
 def module_counts(hlo: str) -> dict[str, int]:
-    comps = parse(hlo)
+    comps = parse(hlo).comps
     counts = {"custom-call(nag_update)": 0, "copy": 0, "transpose": 0}
     for instrs in comps.values():
         for ins in instrs.values():

@@ -2,8 +2,9 @@
 
 `nagjax compile --experiment NAME --topology TOPO` builds the abstract training state (nothing is
 allocated), places it on a mesh over the target's devices with the same logical-axis rules as
-training, lowers and compiles one train step, and prints the per-device memory XLA assigned and the
-sharding of every parameter. TPU topologies (e.g. `v5p-64` or `v5p:2x4x4`) come from
+training, lowers and compiles one train step, and prints the per-device memory XLA assigned, the
+bytes the step moves around its layer loop (`nagjax/analysis/hlo.py`) and the sharding of every
+parameter. TPU topologies (e.g. `v5p-64` or `v5p:2x4x4`) come from
 `jax.experimental.topologies`, which needs libtpu (`pip install 'nagjax[tpu]'`; it installs and runs
 on a CPU-only machine). `local` (or `gpu`, `cpu`) compiles for this machine's own devices.
 """
@@ -18,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from nagjax import sharding
+from nagjax.analysis import hlo
 from nagjax.config import Config, ConfigError
 from nagjax.model.layers import compute_dtype_name
 
@@ -197,6 +199,8 @@ def compile_report(config: Config, topology: str) -> str:
             lines.append(f"  device memory {_gib(limit)}: {verdict}")
     else:
         lines.append("  (this backend reports no memory analysis for compiled programs)")
+    lines += ["", "data movement around the layer loop (optimised HLO; model.remat and model.scan_unroll change it):",
+              "  " + hlo.format_movement(hlo.data_movement(compiled.as_text()))]
     lines += ["", "parameter shardings (path, shape, logical axes, mesh axes, per-device shape):"]
     rows = sharding.sharding_table(abstract["params"], mesh)
     width = max(len(r[0]) for r in rows)

@@ -205,3 +205,16 @@ def test_compile_topology_errors_are_clear():
             resolve_target("v5p-64")
     else:
         assert len(resolve_target("v5p-64").devices) == 32
+
+
+def test_compile_report_on_this_machine():
+    """`nagjax compile --topology local`: memory, the layer loop's data movement, shardings."""
+    from nagjax.compile import compile_report
+    from nagjax.config import Config
+
+    report = compile_report(apply_overrides(Config(name="tiny"), [*TINY_RUN, "model.vocab_size=97"]),
+                             "local")
+    for part in ("per-device memory:", "activations + temporaries", "parameter shardings", "blocks.attn.wq"):
+        assert part in report
+    movement = report.split("data movement around the layer loop")[1].splitlines()[1]
+    assert "stacked write" in movement and "while loops 0" not in movement
