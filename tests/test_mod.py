@@ -43,6 +43,21 @@ def test_kept_tokens():
     assert kept_tokens(2048, 0.125, 128) == 1792
 
 
+def test_k_rounded_up_to_the_sequence_runs_densely():
+    """mod.kept_multiple can round k up to every token (r = 0.1 of 16 tokens in tiles of 16): the
+    sublayers then run as in the dense model, without the selection's sort and gathers."""
+    tokens = _tokens()
+    dense, _ = build_model(CFG, seed=1)(tokens)
+    model = build_model(CFG, seed=1, mod=ModConfig(rate=0.1, kept_multiple=16, exempt_first_blocks=0))
+    logits, stats = model(tokens)
+    np.testing.assert_array_equal(logits, dense)
+    assert float(stats["skip_rate"].max()) == 0.0
+    graphdef, params = nnx.split(model)
+    jaxpr = str(jax.make_jaxpr(lambda p: nnx.merge(graphdef, p)(tokens))(params))
+    assert " sort[" not in jaxpr and "sort" in str(jax.make_jaxpr(
+        lambda p: nnx.merge(graphdef, p)(tokens, ctx=StepContext(routing=training_routing(ModConfig(rate=0.5)))))(params))
+
+
 def test_thresholds_follow_stack_positions_in_a_pruned_model():
     """A pruned model (block_ids 0,2,3) reads row i of its [depth, 2] thresholds for its i-th block
     (the rows follow stack positions, as training and pruning write them), not row block_id."""

@@ -36,7 +36,8 @@ from nagjax.model.layers import ATTENTION, KVSource
 def kept_tokens(seq_len: int, rate: float, multiple: int = 1) -> int:
     """Tokens per sequence that run a skipping sublayer: k = ceil((1 - r) T), at least 1, rounded
     up to a multiple of `multiple` (`mod.kept_multiple`: whole tiles for the GPU's matmul and
-    flash-attention kernels) and at most T. The FLOP counter counts this k: the executed work."""
+    flash-attention kernels) and at most T. The FLOP counter counts this k: the executed work.
+    A k rounded up to T runs the sublayer densely, without the selection (`run_routed`)."""
     k = max(1, math.ceil((1.0 - rate) * seq_len - 1e-9))
     return min(seq_len, -(-k // multiple) * multiple)
 
@@ -278,7 +279,11 @@ def run_routed(routing: Routing, signal_bt, state: dict, positions_bt, sublayer:
     attention_kv_all = slot == ATTENTION and routing.config.kv == "all"
     if routing.mode == "topk":
         mod = routing.config
-        sel = select_topk(signal_bt, kept_tokens(signal_bt.shape[1], mod.rate, mod.kept_multiple))
+        t = signal_bt.shape[1]
+        k = kept_tokens(t, mod.rate, mod.kept_multiple)
+        if k == t:  # k rounded up to the whole sequence: every token runs, nothing to select
+            return apply(sublayer(read(state), positions_bt), state, None), jnp.ones(signal_bt.shape, bool)
+        sel = select_topk(signal_bt, k)
         rows = {k: sel.take(v) for k, v in state.items()}
         kv = KVSource(x_btd=read(state), positions_bt=positions_bt) if attention_kv_all else None
         f = sublayer(read(rows), sel.take(positions_bt), kv=kv)
