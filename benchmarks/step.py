@@ -7,12 +7,14 @@ devices in nagjax's peak table), training FLOPs per token, and for MoD the measu
 ratio against dense NAG next to the FLOP-counter ideal. `--profile` traces three steps of each
 variant with `jax.profiler` (perfetto JSON, no extra package) and prints its top device kernels,
 with the share of device time in copies (memcpy / copy) and dynamic-update-slice fusions; `--hlo`
-counts the loops, copies, dynamic-(update-)slices and scatters of the optimised HLO.
+prints what the optimised HLO moves per step instead of computing (copies, writes into and slices
+out of the scan's stacked buffers, zero fills: count and MiB; nagjax/analysis/hlo.py).
 
     python benchmarks/step.py --size 350m --profile --save        # one H100: the 350M config
     python benchmarks/step.py --size d256x32 --profile --save     # d=256, 32 blocks, 64 x 512
-    python benchmarks/step.py --size cpu --save                   # CPU: d=256, 6 blocks, 8 x 256
+    python benchmarks/step.py --size cpu --rounds 5 --save        # CPU: d=256, 6 blocks, 8 x 256
     add --set KEY=VALUE ... (e.g. model.remat=dots_attention train.grad_accum=2) to every variant,
+    --compare KEY=VALUE ... to time every variant with and without them (with --rounds: interleaved),
     --variants prenorm,nag to choose, --xla-flags "..." to try XLA flags (set before jax starts).
 """
 
@@ -25,7 +27,6 @@ import glob
 import gzip
 import json
 import os
-import re
 import statistics
 import sys
 import tempfile
@@ -55,11 +56,18 @@ def parse_args(argv):
     ap.add_argument("--variants", default=None, help="comma-separated (default: all; on CPU all but nag_kernel)")
     ap.add_argument("--set", nargs="*", default=[], dest="overrides", metavar="KEY=VALUE")
     ap.add_argument("--steps", type=int, default=10, help="timed steps per variant (median)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="time the variants in this many interleaved rounds (all compiled and held at "
+                         "once), so that a machine's drift hits every variant alike (on a shared CPU)")
     ap.add_argument("--profile", action="store_true", help="trace 3 steps per variant, print top kernels")
     ap.add_argument("--hlo", action="store_true",
-                    help="count copies, dynamic-(update-)slices, scatters and loops in the optimised HLO")
+                    help="bytes moved per step by copies, stacked writes/slices and fills (optimised HLO)")
+    ap.add_argument("--compare", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="also time every variant with these overrides (rows NAME+, ratio to NAME); "
+                         "use with --rounds so both are timed interleaved")
     ap.add_argument("--xla-flags", default=None, help="XLA_FLAGS for this run (appended)")
     ap.add_argument("--save", action="store_true", help="write the output to benchmarks/results/")
+    ap.add_argument("--tag", default="", help="suffix of the saved file's name (e.g. unrolled)")
     return ap.parse_args(argv)
 
 
@@ -75,46 +83,46 @@ def build(size: str, variant: str, extra: list[str]):
     return cfg, training_state(cfg)
 
 
-def time_steps(spec, cfg, steps: int):
-    """(median seconds per step, compiled step, its last state and batch) of a variant."""
-    import jax
+class Runner:
+    """One variant's compiled step, warmed up, with its state and batch; `run(n)` times n steps."""
 
-    state = spec.init()
-    tokens = jax.random.randint(jax.random.key(0), (cfg.data.batch_size, cfg.data.seq_len + 1), 0,
-                                cfg.model.vocab_size)
-    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
-    compiled = spec.steps.train.lower(state, batch, 0).compile()
-    for i in range(2):  # warm up
-        state, metrics = compiled(state, batch, i)
-    jax.block_until_ready(metrics)
-    times = []
-    for i in range(steps):
-        t0 = time.perf_counter()
-        state, metrics = compiled(state, batch, i)
-        jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), compiled, {"state": state, "batch": batch}
+    def __init__(self, spec, cfg):
+        import jax
 
+        self.state = spec.init()
+        tokens = jax.random.randint(jax.random.key(0), (cfg.data.batch_size, cfg.data.seq_len + 1), 0,
+                                    cfg.model.vocab_size)
+        self.batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+        self.compiled = spec.steps.train.lower(self.state, self.batch, 0).compile()
+        self.times: list[float] = []
+        self.step = 0
+        self.run(2, record=False)  # warm up
 
-HLO_OPS = ("while", "copy", "dynamic-slice", "dynamic-update-slice", "scatter", "custom-call")
+    def run(self, n: int, record: bool = True) -> None:
+        import jax
+
+        for _ in range(n):
+            t0 = time.perf_counter()
+            self.state, metrics = self.compiled(self.state, self.batch, self.step)
+            jax.block_until_ready(metrics)
+            self.step += 1
+            if record:
+                self.times.append(time.perf_counter() - t0)
 
 
 def hlo_census(compiled) -> str:
-    """How many of the ops that move memory around the layer scan the optimised HLO holds
-    (instructions, fused ones included: a fusion's body is listed with its instructions)."""
-    counts = collections.Counter()
-    for line in compiled.as_text().splitlines():
-        if " = " in line:
-            match = re.search(r" ([a-z][a-z\-]*)\(", line.split(" = ", 1)[1])
-            counts[match.group(1) if match else "?"] += 1
-    return "  HLO: " + ", ".join(f"{op} {counts[op]}" for op in HLO_OPS)
+    """Bytes the optimised step moves around the layer loop instead of computing, per step
+    (nagjax/analysis/hlo.py: copies, stacked writes, slices of stacked buffers, zero fills)."""
+    from nagjax.analysis import hlo
+
+    return "  HLO " + hlo.format_movement(hlo.data_movement(compiled.as_text()))
 
 
-def top_kernels(compiled, run: dict, n: int = 12) -> list[str]:
+def top_kernels(compiled, runner: Runner, n: int = 12) -> list[str]:
     """Device kernels of 3 traced steps, by total time (from the perfetto trace jax writes)."""
     import jax
 
-    state, batch = run["state"], run["batch"]
+    state, batch = runner.state, runner.batch
     with tempfile.TemporaryDirectory() as tmp:
         with jax.profiler.trace(tmp, create_perfetto_trace=True):
             for i in range(3):
@@ -170,21 +178,37 @@ def main(argv=None) -> int:
     lines = [f"# benchmarks/step.py --size {args.size} {' '.join(args.overrides)} - {datetime.date.today()}, "
              f"{len(jax.devices())} x {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}"
              + (f", XLA_FLAGS={os.environ['XLA_FLAGS']}" if args.xla_flags else ""),
-             f"# {' '.join(shape)}, batch {batch} x {seq}; median of {args.steps} steps after 2 warm-up steps",
+             f"# {' '.join(shape)}, batch {batch} x {seq}; median of {args.steps} steps after 2 warm-up steps"
+             + (f", in {args.rounds} interleaved rounds" if args.rounds > 1 else "")
+             + "; ratio: MoD step time / dense NAG's" + (f", NAME+ ({' '.join(args.compare)}) / NAME" if args.compare else ""),
              f"{'variant':<12} {'step ms':>9} {'tokens/s':>11} {'MFU':>6} {'MFLOP/tok':>10} "
-             f"{'vs nag':>7} {'FLOP ideal':>10} {'temp GiB':>9}"]
+             f"{'ratio':>7} {'FLOP ideal':>10} {'temp GiB':>9}"]
     print("\n".join(lines), flush=True)
-    results, profiles = {}, []
+    built = {}
     for name in names:
-        cfg, spec = build(args.size, name, args.overrides)
-        seconds, compiled, run = time_steps(spec, cfg, args.steps)
+        built[name] = build(args.size, name, args.overrides)
+        if args.compare:
+            built[name + "+"] = build(args.size, name, [*args.overrides, *args.compare])
+    runners = {}
+    if args.rounds > 1:  # compile all, then interleave
+        runners = {name: Runner(spec, cfg) for name, (cfg, spec) in built.items()}
+        for r in range(args.rounds):
+            for runner in runners.values():
+                runner.run(args.steps // args.rounds + (r < args.steps % args.rounds))
+    results, profiles = {}, []
+    for name, (cfg, spec) in built.items():
+        runner = runners.get(name)
+        if runner is None:
+            runner = Runner(spec, cfg)
+            runner.run(args.steps)
+        seconds, compiled = statistics.median(runner.times), runner.compiled
         per_token = flops.train_flops_per_token(cfg.model, cfg.data.seq_len, mod=cfg.mod)
         tok_s = cfg.data.batch_size * cfg.data.seq_len / seconds
         util = flops.mfu(tok_s, per_token, device.device_kind, jax.device_count())
         mem = compiled.memory_analysis()
         results[name] = (seconds, per_token)
-        base = results.get("nag")
-        ratio = f"{seconds / base[0]:7.3f} {per_token / base[1]:10.3f}" if base and name.startswith("mod") else " " * 18
+        base = results.get(name[:-1] if name.endswith("+") else "nag" if name.startswith("mod") else None)
+        ratio = f"{seconds / base[0]:7.3f} {per_token / base[1]:10.3f}" if base else " " * 18
         line = (f"{name:<12} {seconds * 1e3:9.1f} {tok_s:11,.0f} {'' if util is None else f'{100 * util:5.1f}%':>6} "
                 f"{per_token / 1e6:10.1f} {ratio} "
                 f"{'' if mem is None else f'{mem.temp_size_in_bytes / 2**30:9.2f}'}")
@@ -195,13 +219,15 @@ def main(argv=None) -> int:
         if args.hlo:
             profiles.append(hlo_census(compiled))
         if args.profile:
-            profiles += top_kernels(compiled, run)
+            profiles += top_kernels(compiled, runner)
+        if name not in runners:
+            del runner  # free the device before the next variant
     if profiles:
         lines += ["", *profiles]
         print("\n".join(["", *profiles]))
     if args.save:
         kind = "cpu" if on_cpu else device.device_kind.split()[1].lower() if " " in device.device_kind else "device"
-        out = Path(__file__).parent / "results" / f"step_{args.size}_{kind}.txt"
+        out = Path(__file__).parent / "results" / f"step_{args.size}_{kind}{'_' + args.tag if args.tag else ''}.txt"
         out.write_text("$ python benchmarks/step.py " + " ".join(argv if argv is not None else sys.argv[1:]) + "\n"
                        + "\n".join(lines) + "\n")
         print(f"wrote {out}")
