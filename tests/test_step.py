@@ -186,13 +186,12 @@ def test_the_train_step_updates_its_state_in_place():
     assert hlo.copied_inputs(text) == []
 
 
-@pytest.mark.parametrize("residual", ["prenorm", "nag"])
-def test_an_unrolled_layer_stack_moves_no_stacked_buffers(residual):
+def test_an_unrolled_layer_stack_moves_no_stacked_buffers():
     """The scan writes each saved activation into a stacked buffer and slices it out again in the
     backward pass (on a GPU: DUS kernels and memcpys); `model.scan_unroll=depth` keeps every
     block's activations in buffers of their own."""
     def movement(unroll):
-        cfg = apply_overrides(Config(), [f"model.residual={residual}", "model.d_model=32", "model.depth=3",
+        cfg = apply_overrides(Config(), ["model.residual=prenorm", "model.d_model=32", "model.depth=3",
                                          "model.n_heads=2", "model.d_ff=64", "model.vocab_size=97",
                                          "data.seq_len=16", "data.batch_size=2", f"model.scan_unroll={unroll}"])
         spec = training_state(cfg)
