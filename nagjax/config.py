@@ -84,7 +84,7 @@ class ModelConfig:
     init_std: float = 0.02
     compute_dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on GPU/TPU
     remat: Literal["none", "full", "dots", "dots_attention"] = "none"  # see transformer.REMAT_POLICIES
-    scan_unroll: int = 1  # lax.scan unroll factor over blocks (depth = fully unrolled)
+    scan_unroll: int = 1  # lax.scan unroll factor over blocks; >= depth: no scan, one block after another
     attention: Literal["auto", "xla", "cudnn"] = "auto"
     nag: NagConfig = field(default_factory=NagConfig)
     attnres: AttnResConfig = field(default_factory=AttnResConfig)

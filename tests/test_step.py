@@ -106,18 +106,33 @@ def test_gradient_accumulation_equals_one_large_batch():
         _train(["train.grad_accum=3"])
 
 
-def test_remat_policies_compute_the_same_gradients(tiny_model):
-    def value_and_grads(remat):  # NAG: the scheme with the most row work to recompute
-        cfg = dataclasses.replace(tiny_model(residual="nag", depth=2), remat=remat)
+def test_remat_policies_and_unrolling_compute_the_same_gradients(tiny_model):
+    def value_and_grads(remat, unroll=1):  # NAG: the scheme with the most row work to recompute
+        cfg = dataclasses.replace(tiny_model(residual="nag", depth=2), remat=remat, scan_unroll=unroll)
         graphdef, params = nnx.split(build_model(cfg), nnx.Param)
         loss = lambda p: jnp.mean(cross_entropy(nnx.merge(graphdef, p)(TOKENS[:, :-1])[0], TOKENS[:, 1:]))
         return jax.jit(jax.value_and_grad(loss))(params)
 
     base_loss, base_grads = value_and_grads("none")
-    for remat in ("full", "dots", "dots_attention"):
-        loss, grads = value_and_grads(remat)
+    for remat, unroll in (("full", 1), ("dots", 1), ("dots_attention", 1), ("full", 2)):
+        loss, grads = value_and_grads(remat, unroll)
         np.testing.assert_allclose(loss, base_loss, rtol=1e-6)
         assert_same_gradients(grads, base_grads)
+
+
+def test_an_unrolled_stack_keeps_the_barriers_that_keep_remat():
+    """Unrolled, nothing but jax.checkpoint's optimisation barriers keeps XLA from merging a
+    block's recomputation with its forward (CSE), i.e. from undoing the remat; `lax.scan(...,
+    unroll=depth)` drops them (inside a scan the loop did that job), the unrolled stack keeps one
+    per block. (XLA:CPU saves no memory by remat outside a loop at all, so the barriers, not the
+    memory, are what a CPU can check.)"""
+    cfg = apply_overrides(Config(), ["model.d_model=32", "model.depth=3", "model.n_heads=2", "model.d_ff=64",
+                                     "model.vocab_size=97", "data.seq_len=16", "data.batch_size=2",
+                                     "model.remat=full", "model.scan_unroll=3", "train.loss_chunk_tokens=-1"])
+    spec = training_state(cfg)
+    tokens = jnp.zeros((2, 16), jnp.int32)
+    lowered = spec.steps.train.lower(spec.abstract, {"inputs": tokens, "targets": tokens}, 0).as_text()
+    assert "stablehlo.while" not in lowered and lowered.count("optimization_barrier") >= 3
 
 
 EVAL_CASES = {

@@ -1,7 +1,8 @@
 """The decoder: embed -> scanned stack of blocks -> head, with a pluggable residual scheme.
 
 Block parameters are created stacked along a leading `layers` axis (`nnx.vmap`) and the forward
-pass runs `lax.scan` over them, so a 48-layer model traces and compiles one block, not 48. A
+pass runs `lax.scan` over them, so a 48-layer model traces and compiles one block, not 48
+(`model.scan_unroll >= depth` runs them one after another instead: no stacked activations). A
 CascadeFormer taper (taper.py) makes one stack per stage of equal widths; Mixture-of-Depths cuts the
 scan where its exempt first blocks end (mod.py). `Block.__call__` is the one block forward: the
 train step, the evaluation, KV-cache decoding (a cached attention sublayer) and the depth
@@ -233,7 +234,10 @@ class Transformer(nnx.Module):
             extra = None if per_block is None else jax.tree.map(lambda x, a=lo, b=hi: x[a:b], per_block)
             tau = seg_ctx.routing.tau
             xs = (params, block_ids, extra, None if tau is None else jnp.asarray(tau, jnp.float32)[lo:hi])
-            state, ys = jax.lax.scan(body_fn, state, xs, unroll=min(self.cfg.scan_unroll, len(block_ids)))
+            if self.cfg.scan_unroll > 1 and self.cfg.scan_unroll >= len(block_ids):  # a full unroll
+                state, ys = _unrolled_scan(body_fn, state, xs, len(block_ids))
+            else:
+                state, ys = jax.lax.scan(body_fn, state, xs, unroll=self.cfg.scan_unroll)
             outputs.append(ys)
         if len(outputs) == 1:
             return state, outputs[0]
@@ -254,6 +258,19 @@ class Transformer(nnx.Module):
                 carry, y = body(graphdefs[i], carry, (blocks[i], jnp.int32(ids[i]), extra, tau), seg_ctx)
                 ys.append(y)
         return carry, jax.tree.map(lambda *xs: jnp.stack(xs), *ys)
+
+
+def _unrolled_scan(f, carry, xs, length: int):
+    """`lax.scan(f, carry, xs)` as straight-line code: each block's activations stay in buffers of
+    their own (no stacked saved activations to write and slice out again). Not `lax.scan(...,
+    unroll=length)`: inside a scan jax drops the optimisation barriers of a rematerialised body
+    (the loop keeps XLA from merging the recomputation with the forward), and unrolled, XLA then
+    merges them and the remat is lost; called here, `jax.checkpoint` keeps its barriers."""
+    ys = []
+    for j in range(length):
+        carry, y = f(carry, jax.tree.map(lambda x, j=j: x[j], xs))
+        ys.append(y)
+    return carry, jax.tree.map(lambda *a: jnp.stack(a), *ys)
 
 
 def build_model(cfg: ModelConfig, seed: int = 0, mod: ModConfig | None = None) -> Transformer:
