@@ -189,32 +189,24 @@ def test_adamw_is_optax_adamw_and_a_skip_keeps_its_state():
         np.testing.assert_array_equal(a, b)
 
 
-def test_the_train_step_updates_its_state_in_place():
-    """No copy of a donated input (parameter, moment, accumulator): the bad-step guard used to
-    select the old optimiser state after the update, and XLA copied every moment once per step."""
-    cfg = apply_overrides(Config(), ["model.d_model=32", "model.depth=2", "model.n_heads=2", "model.d_ff=64",
-                                     "model.vocab_size=97", "data.seq_len=12", "data.batch_size=2"])
-    spec = training_state(cfg)
-    tokens = jnp.zeros((2, 12), jnp.int32)
-    text = spec.steps.train.lower(spec.abstract, {"inputs": tokens, "targets": tokens}, 0).compile().as_text()
-    assert sum(" parameter(" in line for line in text.splitlines()) > 20
-    assert hlo.copied_inputs(text) == []
-
-
-def test_an_unrolled_layer_stack_moves_no_stacked_buffers():
-    """The scan writes each saved activation into a stacked buffer and slices it out again in the
-    backward pass (on a GPU: DUS kernels and memcpys); `model.scan_unroll=depth` keeps every
-    block's activations in buffers of their own."""
-    def movement(unroll):
+def test_what_the_compiled_train_step_moves():
+    """In place: no copy of a donated input (parameter, moment, accumulator; the bad-step guard used
+    to select the old optimiser state after the update, and XLA copied every moment once per
+    step). Unrolled: the scan writes each saved activation into a stacked buffer and slices it out
+    again in the backward pass (on a GPU: DUS kernels and memcpys); `model.scan_unroll=depth`
+    keeps every block's activations in buffers of their own."""
+    def compiled_text(unroll):
         cfg = apply_overrides(Config(), ["model.residual=prenorm", "model.d_model=32", "model.depth=3",
                                          "model.n_heads=2", "model.d_ff=64", "model.vocab_size=97",
                                          "data.seq_len=16", "data.batch_size=2", f"model.scan_unroll={unroll}"])
         spec = training_state(cfg)
         tokens = jnp.zeros((2, 16), jnp.int32)
-        text = spec.steps.train.lower(spec.abstract, {"inputs": tokens, "targets": tokens}, 0).compile().as_text()
-        return hlo.data_movement(text)
+        return spec.steps.train.lower(spec.abstract, {"inputs": tokens, "targets": tokens}, 0).compile().as_text()
 
-    scanned, unrolled = movement(1), movement(3)
+    scanned_text, unrolled_text = compiled_text(1), compiled_text(3)
+    assert sum(" parameter(" in line for line in scanned_text.splitlines()) > 20
+    assert hlo.copied_inputs(scanned_text) == [] and hlo.copied_inputs(unrolled_text) == []
+    scanned, unrolled = hlo.data_movement(scanned_text), hlo.data_movement(unrolled_text)
     assert scanned["loops"]["count"] >= 2 and scanned["stacked write"]["bytes"] > 0 and scanned["slice"]["count"] > 0
     assert unrolled["loops"]["count"] == 0
     for kind in ("stacked write", "slice"):
