@@ -139,6 +139,14 @@ def executions(module: Module) -> dict[str, int]:
     return runs
 
 
+def _root(body: dict[str, Instr]) -> Instr | None:
+    return next((i for i in body.values() if i.line.startswith("ROOT")), None)
+
+
+def _is_scalar(shape: str) -> bool:
+    return re.match(r"^\w+\[\]", shape) is not None
+
+
 def _kind(ins: Instr, comps: dict) -> str | None:
     """What data movement an unfused instruction is, if that is all it is."""
     if ins.op == "copy":
@@ -150,7 +158,7 @@ def _kind(ins: Instr, comps: dict) -> str | None:
     if ins.op != "fusion" or ins.calls not in comps:
         return None
     body = comps[ins.calls]
-    root = next((i for i in body.values() if i.line.startswith("ROOT")), None)
+    root = _root(body)
     ops = ops_of(ins, comps)
     if root is not None and root.op == "dynamic-update-slice" and ops <= DATA_ONLY | {"dynamic-update-slice"}:
         return "stacked write"  # a value made elsewhere, copied into its stack (in place)
@@ -165,8 +173,7 @@ def _written(ins: Instr, kind: str, module: Module, comp: str) -> int:
     """Bytes an instruction writes: a stacked write only its update (it runs in place)."""
     if kind == "stacked write":
         body = module.comps.get(ins.calls, {}) if ins.op == "fusion" else module.comps[comp]
-        dus = ins if ins.op == "dynamic-update-slice" else next(
-            (i for i in body.values() if i.line.startswith("ROOT")), None)
+        dus = ins if ins.op == "dynamic-update-slice" else _root(body)
         if dus is not None and len(dus.operands) > 1:
             return nbytes(body[dus.operands[1]].shape)
     return nbytes(ins.shape)
@@ -185,7 +192,7 @@ def data_movement(hlo: str) -> dict[str, dict[str, float]]:
             kind = _kind(ins, module.comps)
             if kind is None or nbytes(ins.shape) == 0 or ins.shape.startswith("("):
                 continue
-            if kind == "copy" and "[]" in ins.shape.split("{")[0]:
+            if kind == "copy" and _is_scalar(ins.shape):
                 continue  # a scalar: not data movement worth a kernel's name
             out[kind]["count"] += n
             out[kind]["bytes"] += n * _written(ins, kind, module, comp)
@@ -206,5 +213,5 @@ def copied_inputs(hlo: str) -> list[str]:
     module = parse(hlo)
     entry = module.comps[module.entry]
     inputs = {name for name, ins in entry.items()
-              if ins.op == "parameter" and not re.match(r"^\w+\[\]", ins.shape)}
+              if ins.op == "parameter" and not _is_scalar(ins.shape)}
     return [ins.line for ins in entry.values() if ins.op == "copy" and set(ins.operands) & inputs]

@@ -279,11 +279,10 @@ def run_routed(routing: Routing, signal_bt, state: dict, positions_bt, sublayer:
     attention_kv_all = slot == ATTENTION and routing.config.kv == "all"
     if routing.mode == "topk":
         mod = routing.config
-        t = signal_bt.shape[1]
-        k = kept_tokens(t, mod.rate, mod.kept_multiple)
-        if k == t:  # k rounded up to the whole sequence: every token runs, nothing to select
+        kept = kept_tokens(signal_bt.shape[1], mod.rate, mod.kept_multiple)
+        if kept == signal_bt.shape[1]:  # k rounded up to the whole sequence: nothing to select
             return apply(sublayer(read(state), positions_bt), state, None), jnp.ones(signal_bt.shape, bool)
-        sel = select_topk(signal_bt, k)
+        sel = select_topk(signal_bt, kept)
         rows = {k: sel.take(v) for k, v in state.items()}
         kv = KVSource(x_btd=read(state), positions_bt=positions_bt) if attention_kv_all else None
         f = sublayer(read(rows), sel.take(positions_bt), kv=kv)
