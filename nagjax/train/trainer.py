@@ -56,9 +56,10 @@ class RunResult:
     eval: dict | None = None  # the last evaluation (`Trainer.evaluate`)
 
 
-def resolve(config: Config) -> Config:
-    """Fill derived values (vocabulary from the tokeniser, concrete compute dtype) and validate."""
-    tokenizer = mixture.tokenizer_of(config.data)
+def resolve(config: Config, tokenizer=None) -> Config:
+    """Fill derived values (vocabulary from the tokeniser, concrete compute dtype) and validate.
+    `tokenizer`: the data's, when the caller has already loaded it."""
+    tokenizer = tokenizer or mixture.tokenizer_of(config.data)
     model = config.model
     if model.vocab_size == 0:
         model = dataclasses.replace(model, vocab_size=tokenizer.vocab_size)
@@ -120,7 +121,8 @@ class Trainer:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.store = CheckpointStore(self.workdir / "checkpoints", keep=config.train.keep_checkpoints,
                                      read_only=for_eval)
-        self.config = cfg = resolve(config)
+        tokenizer = mixture.tokenizer_of(config.data)  # loaded once: resolve, and the run's copy
+        self.config = cfg = resolve(config, tokenizer)
         self.mesh = sharding.make_mesh(cfg.mesh)
         sharding.check_batch_split(self.mesh, cfg.data.batch_size, cfg.train.grad_accum)
         # Shapes first (nothing allocated), then one jit-compiled init straight into the shardings;
@@ -153,7 +155,7 @@ class Trainer:
         if jax.process_index() == 0 and not for_eval:  # one writer on a shared filesystem
             write_json_atomic(self.workdir / "config.json", self.config.to_dict())
             write_json_atomic(self.workdir / "run_info.json", self.run_info)
-            mixture.keep_with_run(mixture.tokenizer_of(cfg.data), self.workdir)  # sample/export anywhere
+            mixture.keep_with_run(tokenizer, self.workdir)  # sample/export anywhere
         self.flops_per_token = flops.train_flops_per_token(cfg.model, cfg.data.seq_len, mod=cfg.mod)
         self._eval_batches = None
 
