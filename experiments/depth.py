@@ -7,7 +7,8 @@ Run a depth sweep with `nagjax sweep --sweep depth_cpu --workdir DIR`.
 import dataclasses
 
 from nagjax.analysis.depth_sweep import DepthSweep
-from nagjax.config import AttnResConfig, Config, DataConfig, ModelConfig, OptimConfig, TrainConfig
+from nagjax.config import Config, DataConfig, ModelConfig, OptimConfig, TrainConfig
+from nagjax.model.residual.attnres import AttnResConfig
 from nagjax.registry import experiment, sweep
 from nagjax_experiments.mod import REAL_CORPUS
 
@@ -31,13 +32,13 @@ def block_attnres(depth: int, n_blocks: int = 8) -> AttnResConfig:
 @experiment
 def quickstart_attnres() -> Config:
     """The quickstart budget with Block AttnRes (blocks of 3 sublayers, 5 sources)."""
-    return _quick(residual="attnres", attnres=AttnResConfig(block_size=3))
+    return _quick(residual="attnres", options=(AttnResConfig(block_size=3),))
 
 
 @experiment
 def quickstart_attnres_full() -> Config:
     """The quickstart budget with Full AttnRes (every sublayer output is a source)."""
-    return _quick(residual="attnres", attnres=AttnResConfig(block_size=1))
+    return _quick(residual="attnres", options=(AttnResConfig(block_size=1),))
 
 
 @experiment
@@ -50,7 +51,7 @@ def _variants(base: Config, depths) -> tuple:
     out = []
     for scheme in SCHEMES:
         for depth in depths:
-            extra = {"attnres": block_attnres(depth)} if scheme == "attnres" else {}
+            extra = {"options": (block_attnres(depth),)} if scheme == "attnres" else {}
             model = dataclasses.replace(base.model, residual=scheme, depth=depth, **extra)
             out.append((f"{scheme}_L{depth}", base.replace(model=model)))
     return tuple(out)

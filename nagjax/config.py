@@ -28,38 +28,85 @@ def _check(cond: bool, key: str, message: str) -> None:
 
 
 @dataclass(frozen=True)
-class NagConfig:
-    """NAG residual (docs/methods.md §1): modulator width, alpha warm-up, numerics, fused-update kernel."""
+class SchemeOptions:
+    """Base of a residual scheme's own hyperparameters, the config group `model.<scheme name>`.
 
-    modulator_channels: int = 32
-    alpha_warmup_steps: int = 0  # linear warm-up of alpha from 0 (the port needed it at 64 layers)
-    eps: float = 1e-6
-    gate_floor: float = 1e-6  # clamp of the modulator's inner sum before the power
-    # fused update (docs/methods.md §1.8): auto = the Pallas kernel on GPU/TPU, the reference on CPU
-    kernel: Literal["reference", "pallas", "auto"] = "auto"
-    # time the kernel's candidate tilings on the device at the first call per shape and cache the
-    # fastest under $NAGJAX_CACHE_DIR/kernels (off: the tiling table shipped with the kernel)
-    autotune: bool = False
-    # [default] initial inverse temperature of the cosine head, exp(s_0 + decode_log_gain) at init;
-    # the decode log-gain starts at log(head_scale_init / model.init_std) (see nag.py for why).
-    head_scale_init: float = 8.0
+    A scheme defines its options class in its own file and names it in its registry entry
+    (`Scheme(options=...)`, nagjax/model/residual/base.py); registration declares it here
+    (`declare_scheme`), so `model.<name>.<key>=...` overrides, validation and saved configs know
+    it without this file importing any scheme (Levanter's `register_subclass` is the model).
+    """
 
-    def validate(self, prefix: str = "model.nag") -> None:
-        _check(self.modulator_channels >= 1, f"{prefix}.modulator_channels", "must be >= 1")
-        _check(self.alpha_warmup_steps >= 0, f"{prefix}.alpha_warmup_steps", "must be >= 0")
-        _check(0 < self.eps < 1, f"{prefix}.eps", "must be in (0, 1)")
-        _check(0 < self.gate_floor < 1, f"{prefix}.gate_floor", "must be in (0, 1)")
-        _check(self.head_scale_init > 0, f"{prefix}.head_scale_init", "must be > 0")
+    def validate(self, prefix: str) -> None:
+        """Raise ConfigError naming `prefix.<key>` for a bad value."""
 
 
 @dataclass(frozen=True)
-class AttnResConfig:
-    """Attention Residuals (docs/methods.md §4): depth-wise softmax over earlier sublayer outputs."""
+class SchemeDeclaration:
+    """What config validation needs to know of a registered residual scheme."""
 
-    block_size: int = 1  # sublayers per source block (counts sublayers, not Transformer blocks); 1 = Full
+    name: str
+    options: type[SchemeOptions] | None = None  # its config group model.<name>, if it has options
+    skip_signal: bool = False  # Mixture-of-Depths can route on it (mod.rate > 0 allowed)
 
-    def validate(self, prefix: str = "model.attnres") -> None:
-        _check(self.block_size >= 1, f"{prefix}.block_size", "must be >= 1 (1 = Full AttnRes)")
+
+_SCHEMES: dict[str, SchemeDeclaration] = {}
+
+
+def declare_scheme(declaration: SchemeDeclaration) -> None:
+    """Make `model.residual=<name>` valid (and `model.<name>.*` a group, with options); called by
+    the scheme registry when a scheme registers (importing `nagjax.model` registers the built-ins)."""
+    existing = _SCHEMES.get(declaration.name)
+    if existing is not None and existing != declaration:
+        raise ValueError(f"residual scheme {declaration.name!r} is already declared as {existing}")
+    if declaration.options is not None:
+        if not (isinstance(declaration.options, type) and issubclass(declaration.options, SchemeOptions)
+                and dataclasses.is_dataclass(declaration.options)):
+            raise TypeError(f"scheme {declaration.name!r}: options must be a frozen dataclass subclassing "
+                            f"SchemeOptions (got {declaration.options!r})")
+        clash = {f.name for f in dataclasses.fields(ModelConfig)} & {declaration.name}
+        if clash:
+            raise ValueError(f"scheme {declaration.name!r}: its options group would shadow model.{declaration.name}")
+    _SCHEMES[declaration.name] = declaration
+
+
+def undeclare_scheme(name: str) -> None:
+    """Forget scheme `name` (the scheme registry's `unregister`)."""
+    _SCHEMES.pop(name, None)
+
+
+def declared_schemes() -> dict[str, SchemeDeclaration]:
+    """Every registered residual scheme's declaration, by name (registration order)."""
+    return dict(_SCHEMES)
+
+
+def scheme_declaration(name: str) -> SchemeDeclaration:
+    """The declaration of scheme `name`; an unknown name is a ConfigError naming the choices."""
+    if name not in _SCHEMES:
+        hint = difflib.get_close_matches(name, list(_SCHEMES), n=1)
+        extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+        known = ", ".join(repr(n) for n in _SCHEMES) or "none registered: import nagjax.model first"
+        raise ConfigError(f"model.residual: got {name!r}; expected one of {known}{extra}")
+    return _SCHEMES[name]
+
+
+def _option_groups() -> dict[str, type[SchemeOptions]]:
+    return {n: d.options for n, d in _SCHEMES.items() if d.options is not None}
+
+
+def _options_name(cls: type) -> str:
+    for name, options in _option_groups().items():
+        if options is cls:
+            return name
+    raise ConfigError(f"model.options: {cls.__name__} is no registered scheme's options class")
+
+
+def require_skip_signal(residual: str, what: str) -> None:
+    """A ConfigError unless scheme `residual` gives Mixture-of-Depths a skip signal; names the ones that do."""
+    if not scheme_declaration(residual).skip_signal:
+        able = [n for n, d in _SCHEMES.items() if d.skip_signal]
+        raise ConfigError(f"{what} needs a residual scheme with a skip signal (model.residual one of "
+                          f"{', '.join(map(repr, able))}; got {residual!r})")
 
 
 def _int_list(text: str) -> list[int]:
@@ -86,8 +133,9 @@ class ModelConfig:
     remat: Literal["none", "full", "dots", "dots_attention"] = "none"  # see transformer.REMAT_POLICIES
     scan_unroll: int = 1  # lax.scan unroll factor over blocks; >= depth: no scan, one block after another
     attention: Literal["auto", "xla", "cudnn"] = "auto"
-    nag: NagConfig = field(default_factory=NagConfig)
-    attnres: AttnResConfig = field(default_factory=AttnResConfig)
+    # The schemes' own hyperparameters (`SchemeOptions`), read as `cfg.nag`, `cfg.attnres`, ... and
+    # set as `model.nag.<key>=...`: only values that differ from their scheme's defaults are kept.
+    options: tuple[SchemeOptions, ...] = ()
     # CascadeFormer taper (docs/methods.md §5, nagjax/model/taper.py): per-block MLP widths; "custom" reads
     # `taper_widths`. Widths are rounded to `taper_multiple` (0: 128, or 8 when d_ff < 1024) and
     # matched to the uniform model's MLP parameters (= MLP FLOPs); `taper_stages` > 0 makes the
@@ -100,6 +148,41 @@ class ModelConfig:
     # Original index of each block, comma-separated ("" = 0..depth-1). `nagjax prune` sets it so a
     # pruned model keeps each block's index-dependent behaviour (LNS factor, AttnRes source slots).
     block_ids: str = ""
+
+    def __post_init__(self):
+        # A canonical form (one entry per scheme, defaults dropped, sorted), so that equal configs
+        # compare, hash and save equal however their options were given.
+        by_name = {}
+        for opt in self.options:
+            name = _options_name(type(opt))
+            if name in by_name:
+                raise ConfigError(f"model.options: two option sets for scheme {name!r}")
+            by_name[name] = opt
+        canonical = tuple(by_name[n] for n in sorted(by_name) if by_name[n] != type(by_name[n])())
+        object.__setattr__(self, "options", canonical)
+
+    def __getattr__(self, name: str):
+        # Only called when normal lookup fails: `cfg.nag` is scheme nag's options (its defaults
+        # unless set). Dunder and private names never mean a scheme.
+        if name.startswith("_"):
+            raise AttributeError(name)
+        groups = _option_groups()
+        if name not in groups:
+            raise AttributeError(f"{type(self).__name__} has no attribute {name!r} (scheme option groups: "
+                                 f"{', '.join(sorted(groups)) or 'none registered'})")
+        for opt in self.options:
+            if isinstance(opt, groups[name]):
+                return opt
+        return groups[name]()
+
+    def with_options(self, options: SchemeOptions) -> "ModelConfig":
+        """This config with one scheme's options replaced."""
+        kept = tuple(o for o in self.options if type(o) is not type(options))
+        return dataclasses.replace(self, options=kept + (options,))
+
+    def option_groups(self) -> dict[str, SchemeOptions]:
+        """Every registered scheme's options in force (set or default), by group name."""
+        return {name: getattr(self, name) for name in _option_groups()}
 
     @property
     def block_index_list(self) -> list[int]:
@@ -124,9 +207,7 @@ class ModelConfig:
         return _int_list(self.taper_widths)
 
     def validate(self, prefix: str = "model") -> None:
-        from nagjax.model.residual import get_scheme
-
-        get_scheme(self.residual)  # an unknown scheme names the registered ones
+        scheme_declaration(self.residual)  # an unknown scheme names the registered ones
         _check(self.vocab_size >= 0, f"{prefix}.vocab_size", "must be >= 0 (0 = from the tokeniser)")
         _check(self.d_model >= 8, f"{prefix}.d_model", "must be >= 8")
         _check(self.depth >= 1, f"{prefix}.depth", "must be >= 1")
@@ -147,8 +228,8 @@ class ModelConfig:
         _check(self.rope_theta > 0, f"{prefix}.rope_theta", "must be > 0")
         _check(self.init_std > 0, f"{prefix}.init_std", "must be > 0")
         _check(self.scan_unroll >= 1, f"{prefix}.scan_unroll", "must be >= 1")
-        self.nag.validate(f"{prefix}.nag")
-        self.attnres.validate(f"{prefix}.attnres")
+        for name, options in self.option_groups().items():
+            options.validate(f"{prefix}.{name}")
         _check(self.taper_gamma > 0, f"{prefix}.taper_gamma", "must be > 0")
         _check(self.taper_multiple >= 0, f"{prefix}.taper_multiple", "must be >= 0 (0 = auto)")
         _check(self.taper_stages >= 0, f"{prefix}.taper_stages", "must be >= 0 (0 = per distinct width)")
@@ -369,11 +450,10 @@ class Config:
     mod: ModConfig = field(default_factory=ModConfig)
 
     def validate(self) -> "Config":
-        from nagjax.model.mod import skipping
-
         self.model.validate()
         self.mod.validate()
-        skipping(self.model, self.mod)  # a skip rate needs a scheme with a skip signal
+        if self.mod.rate > 0:
+            require_skip_signal(self.model.residual, f"mod.rate={self.mod.rate} (Mixture-of-Depths; or mod.rate=0)")
         self.data.validate()
         self.optim.validate()
         self.train.validate()
@@ -386,7 +466,8 @@ class Config:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Plain nested dicts (JSON); every scheme's options appear as `model.<name>`."""
+        return to_dict(self)
 
 
 
@@ -397,6 +478,29 @@ class Config:
 
 def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
+
+
+def to_dict(obj: Any) -> dict:
+    """A config dataclass as nested dicts; a ModelConfig's options as one group per scheme."""
+    out = {}
+    for f in dataclasses.fields(obj):
+        if isinstance(obj, ModelConfig) and f.name == "options":
+            continue
+        value = getattr(obj, f.name)
+        out[f.name] = to_dict(value) if dataclasses.is_dataclass(value) else value
+    if isinstance(obj, ModelConfig):
+        out.update({name: to_dict(opt) for name, opt in obj.option_groups().items()})
+    return out
+
+
+def _groups(obj: Any) -> dict[str, Any]:
+    """The sub-config groups of a config dataclass: its dataclass fields and, on a ModelConfig,
+    the registered schemes' options."""
+    out = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)
+           if dataclasses.is_dataclass(getattr(obj, f.name))}
+    if isinstance(obj, ModelConfig):
+        out.update(obj.option_groups())
+    return out
 
 
 def _type_name(tp: Any) -> str:
@@ -450,13 +554,18 @@ def _set_path(obj: Any, path: list[str], raw: str, full_key: str) -> Any:
     if not dataclasses.is_dataclass(obj):
         raise ConfigError(f"{full_key}: {type(obj).__name__} has no sub-keys")
     types_ = _field_types(type(obj))
+    groups = _groups(obj)
+    if name in groups and name not in types_:  # a scheme's options group (ModelConfig)
+        if len(path) == 1:
+            raise ConfigError(f"{full_key}: is a group; set one of its keys, e.g. {full_key}.<key>=...")
+        return obj.with_options(_set_path(groups[name], path[1:], raw, full_key))
     if name not in types_:
         prefix = full_key[: len(full_key) - len(".".join(path))]
-        known = [prefix + k for k in types_]
+        known = [prefix + k for k in {**types_, **groups}]
         hint = difflib.get_close_matches(prefix + name, known, n=1)
         extra = f"; did you mean {hint[0]!r}?" if hint else ""
         raise ConfigError(
-            f"unknown config key {full_key!r}{extra} (keys here: {', '.join(sorted(types_))})"
+            f"unknown config key {full_key!r}{extra} (keys here: {', '.join(sorted({**types_, **groups}))})"
         )
     current = getattr(obj, name)
     if len(path) == 1:
@@ -486,14 +595,20 @@ def config_from_dict(data: dict, cls: type = Config) -> Any:
     kwargs = {}
     types_ = _field_types(cls)
     for f in dataclasses.fields(cls):
-        if f.name not in data:
+        if f.name not in data or (cls is ModelConfig and f.name == "options"):
             continue
         value = data[f.name]
         tp = types_[f.name]
         if dataclasses.is_dataclass(tp) and isinstance(value, dict):
             value = config_from_dict(value, tp)
         kwargs[f.name] = value
-    unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+    known = {f.name for f in dataclasses.fields(cls)}
+    if cls is ModelConfig:
+        groups = _option_groups()
+        kwargs["options"] = tuple(config_from_dict(data[n], groups[n]) for n in groups if n in data)
+        known |= set(groups)
+    unknown = set(data) - known
     if unknown:
-        raise ConfigError(f"unknown keys in saved {cls.__name__}: {sorted(unknown)}")
+        extra = "; a scheme's options need its scheme registered (import it first)" if cls is ModelConfig else ""
+        raise ConfigError(f"unknown keys in saved {cls.__name__}: {sorted(unknown)}{extra}")
     return cls(**kwargs)

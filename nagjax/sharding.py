@@ -54,11 +54,33 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
 }
 
 
+# Logical axis names that a residual scheme brings (`Scheme.logical_axes`), by the scheme that
+# registered them: the scheme registry adds them here (`register_logical_axes`).
+_SCHEME_AXES: dict[str, dict[str, str | tuple[str, ...] | None]] = {}
+
+
+def register_logical_axes(owner: str, rules: Mapping[str, str | tuple[str, ...] | None]) -> None:
+    """Add `owner`'s logical axis names to the rules; a shared name, or a name another owner maps
+    differently, is an error."""
+    shared = set(rules) & set(LOGICAL_RULES)
+    if shared:
+        raise ValueError(f"scheme {owner!r} redefines the shared logical axes {sorted(shared)}")
+    for other, other_rules in _SCHEME_AXES.items():
+        for axis, rule in rules.items():
+            if other != owner and axis in other_rules and other_rules[axis] != rule:
+                raise ValueError(f"scheme {owner!r} maps logical axis {axis!r} to {rule!r}, "
+                                 f"but {other!r} maps it to {other_rules[axis]!r}")
+    _SCHEME_AXES[owner] = dict(rules)
+
+
+def unregister_logical_axes(owner: str) -> None:
+    _SCHEME_AXES.pop(owner, None)
+
+
 def logical_rules() -> dict[str, str | tuple[str, ...] | None]:
     """`LOGICAL_RULES` plus the logical axis names of every registered residual scheme."""
-    from nagjax.model.residual import all_logical_axes
-
-    return {**all_logical_axes(), **LOGICAL_RULES}
+    scheme_axes = {axis: rule for rules in _SCHEME_AXES.values() for axis, rule in rules.items()}
+    return {**scheme_axes, **LOGICAL_RULES}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from conftest import make_tiny_model
-from nagjax.config import AttnResConfig
+from nagjax.model.residual.attnres import AttnResConfig
 from nagjax.model import build_model
 from nagjax.model.residual.attnres import n_sources
 
@@ -16,7 +16,7 @@ TINY = dict(n_heads=2)  # default norm_eps (1e-6): the README's claim holds at d
 
 
 def _attnres(block_size, **kw):
-    return make_tiny_model(residual="attnres", attnres=AttnResConfig(block_size=block_size), **{**TINY, **kw})
+    return make_tiny_model(residual="attnres", options=(AttnResConfig(block_size=block_size),), **{**TINY, **kw})
 
 
 def _copy_shared(src, dst):

@@ -321,7 +321,8 @@ def test_model_trains_to_the_same_losses_with_the_kernel():
 
     from flax import nnx
 
-    from nagjax.config import ModelConfig, NagConfig, OptimConfig
+    from nagjax.config import ModelConfig, OptimConfig
+    from nagjax.model.residual.nag import NagConfig
     from nagjax.model import build_model
     from nagjax.train import optim
     from nagjax.train.step import init_aux, make_steps
@@ -332,7 +333,7 @@ def test_model_trains_to_the_same_losses_with_the_kernel():
     batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
 
     def losses(kernel):
-        cfg = dataclasses.replace(base, nag=NagConfig(kernel=kernel))
+        cfg = base.with_options(NagConfig(kernel=kernel))
         graphdef, params = nnx.split(build_model(cfg), nnx.Param)
         opt = optim.make_optimizer(OptimConfig(warmup_steps=0), 4, params)
         steps = make_steps(graphdef, cfg, opt, optim.schedule(OptimConfig(warmup_steps=0), 4))

@@ -20,7 +20,7 @@ from nagjax import flops, sharding
 from nagjax.config import Config, ConfigError, ModelConfig, apply_overrides
 from nagjax.model import build_model
 from nagjax.model.layers import RMSNorm, mean_rms
-from nagjax.model.residual import SCHEMES, ParamGroup, Scheme, register
+from nagjax.model.residual import SCHEMES, ParamGroup, Scheme, register, unregister
 from nagjax.train import optim
 
 POSTLN_ROW_FLOPS = 5  # per feature: add, and the RMSNorm after it
@@ -79,7 +79,7 @@ POSTLN = Scheme(
 def postln():
     register(POSTLN)  # the one registry line
     yield POSTLN
-    del SCHEMES["postln"]
+    unregister("postln")
 
 
 def test_a_scheme_from_one_file_trains_counts_flops_and_groups_params(postln, tmp_path):

@@ -13,9 +13,14 @@ import json
 import pathlib
 import shutil
 
+from safetensors.numpy import save_file
+
+from nagjax.analysis.diagnostics import load_run
 from nagjax.config import ConfigError
+from nagjax.data.mixture import run_tokenizer
 from nagjax.export import remote
 from nagjax.export.layers import numpy_tree
+from nagjax.export.registry import exporter_for
 
 FORMATS = ("hf",)
 
@@ -25,21 +30,9 @@ def export_workdir(workdir: str | pathlib.Path, out: str | pathlib.Path, fmt: st
     """Write the export of `workdir`'s checkpoint (latest, or `step`) to `out`; returns config."""
     if fmt not in FORMATS:
         raise ConfigError(f"--format: got {fmt!r}; expected one of {', '.join(FORMATS)}")
-    from nagjax.analysis.diagnostics import load_run
-    from nagjax.data.mixture import run_tokenizer
-    from nagjax.model.residual import get_scheme
-
     run = load_run(workdir, step)
     cfg = run.config.model
-    scheme = get_scheme(cfg.residual)
-    if scheme.hf_export is None:
-        raise ConfigError(f"model.residual={cfg.residual!r}: this scheme's registry entry has no "
-                          "Hugging Face export (Scheme.hf_export)")
-    config, tensors = scheme.hf_export(cfg, numpy_tree(run.params))
-    try:
-        from safetensors.numpy import save_file
-    except ImportError:
-        raise ConfigError("nagjax export needs safetensors: pip install safetensors") from None
+    config, tensors = exporter_for(cfg.residual)(cfg, numpy_tree(run.params))
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = run_tokenizer(run.config.data, workdir)

@@ -4,22 +4,20 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+from flax import nnx
 
 from nagjax.config import ModelConfig
+from nagjax.model.transformer import block_stacks_of
 
 
 def numpy_tree(params) -> dict:
     """A parameter state (nnx.State or nested dict of arrays) as a nested dict of float32 numpy."""
-    from flax import nnx
-
     pure = nnx.to_pure_dict(params) if isinstance(params, nnx.State) else params
     return jax.tree.map(lambda x: np.asarray(x, np.float32), pure)
 
 
 def per_block(cfg: ModelConfig, params: dict) -> list[dict]:
     """One nested dict per block (the stacked `blocks` or taper `stages` sliced on axis 0)."""
-    from nagjax.model.transformer import block_stacks_of
-
     out = []
     for stack, n in block_stacks_of(cfg, params):
         out += [jax.tree.map(lambda x, k=k: x[k], stack) for k in range(n)]

@@ -10,12 +10,14 @@ exactly into those norms' gains, since RMSNorm(x) * g * c = RMSNorm(x) * (g c).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
 
 from nagjax.config import ConfigError, ModelConfig
 from nagjax.export.layers import per_block
+from nagjax.export.registry import register_exporter
 
 
 def llama_export(cfg: ModelConfig, params: dict, *, layernorm_scaling: bool) -> tuple[dict, dict]:
@@ -66,3 +68,7 @@ def llama_export(cfg: ModelConfig, params: dict, *, layernorm_scaling: bool) -> 
         "torch_dtype": "float32",
     }
     return config, {k: np.array(v, np.float32, order="C") for k, v in tensors.items()}
+
+
+register_exporter("prenorm", functools.partial(llama_export, layernorm_scaling=False))
+register_exporter("lns", functools.partial(llama_export, layernorm_scaling=True))

@@ -14,14 +14,14 @@ import numpy as np
 
 from nagjax.config import ModelConfig
 from nagjax.export.layers import flat, per_block
+from nagjax.export.registry import register_exporter
+from nagjax.model.residual.attnres import n_sources
 
 CODE_FILES = ("configuration_nagjax.py", "modeling_nagjax.py")
 
 
 def remote_code_export(cfg: ModelConfig, params: dict) -> tuple[dict, dict]:
     """(config.json dict, {tensor name: float32 array}) for the nagjax modelling code."""
-    from nagjax.model.residual.attnres import n_sources
-
     blocks = per_block(cfg, params)
     tensors = flat({k: v for k, v in params.items() if k not in ("blocks", "stages")})
     for i, b in enumerate(blocks):
@@ -52,3 +52,7 @@ def remote_code_export(cfg: ModelConfig, params: dict) -> tuple[dict, dict]:
         "torch_dtype": "float32",
     }
     return config, {k: np.array(v, np.float32, order="C") for k, v in tensors.items()}
+
+
+register_exporter("nag", remote_code_export)
+register_exporter("attnres", remote_code_export)

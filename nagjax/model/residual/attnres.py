@@ -35,16 +35,27 @@ for deep models; Full AttnRes is O(L^2).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nagjax.config import ModelConfig
-from nagjax.export.remote import remote_code_export
+from nagjax.config import ConfigError, ModelConfig, SchemeOptions
 from nagjax.model.layers import RMSNorm, compute_dtype, mean_rms, param, rms_normalize
 from nagjax.model.residual.base import Scheme, State, StepContext, Sublayer
 from nagjax.model.residual.prenorm import sublayer_row_flops as prenorm_row_flops
+
+
+@dataclass(frozen=True)
+class AttnResConfig(SchemeOptions):
+    """`model.attnres.*`: the depth-wise softmax over earlier sublayer outputs (§4)."""
+
+    block_size: int = 1  # sublayers per source block (counts sublayers, not Transformer blocks); 1 = Full
+
+    def validate(self, prefix: str = "model.attnres") -> None:
+        if self.block_size < 1:
+            raise ConfigError(f"{prefix}.block_size: must be >= 1 (1 = Full AttnRes)")
 
 
 def n_sources(cfg: ModelConfig) -> int:
@@ -175,5 +186,5 @@ ATTNRES = Scheme(
     sublayer_row_flops=lambda cfg, executed: prenorm_row_flops(cfg, executed) + mix_flops(cfg),
     final_row_flops=mix_flops,  # the final aggregation before the final norm
     microscope={"mix_weights": "mix_weights"},
-    hf_export=remote_code_export,  # PyTorch modelling code via trust_remote_code
+    options=AttnResConfig,
 )

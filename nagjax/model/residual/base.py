@@ -19,15 +19,16 @@ sharding and analysis read the registry and never compare scheme names.
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol
 
 import jax
 from flax import nnx
 
-from nagjax.config import ConfigError, ModelConfig, OptimConfig
+from nagjax.config import (ModelConfig, OptimConfig, SchemeDeclaration, SchemeOptions, declare_scheme,
+                           scheme_declaration, undeclare_scheme)
 from nagjax.model.layers import ATTENTION, MLP, KVSource  # noqa: F401  (re-exported)
+from nagjax.sharding import register_logical_axes, unregister_logical_axes
 
 if TYPE_CHECKING:
     from nagjax.model.mod import Routing
@@ -102,46 +103,38 @@ class Scheme:
     # The block residual computes a per-token skip signal before the sublayer runs and makes a
     # skipped sublayer an exact identity, so Mixture-of-Depths can route on it (docs/methods.md §2).
     skip_signal: bool = False
-    # How `nagjax export --format hf` writes this scheme (nagjax/export/): (cfg, numpy params) ->
-    # (config.json dict, {tensor name: array}); None: no Hugging Face export.
-    hf_export: Callable[[ModelConfig, dict], tuple[dict, dict]] | None = None
+    # The scheme's own hyperparameters: a frozen `SchemeOptions` dataclass defined beside the
+    # scheme, the config group `model.<name>` (read as `cfg.<name>`); None: no options.
+    options: type[SchemeOptions] | None = None
 
 
 SCHEMES: dict[str, Scheme] = {}
 
 
 def register(scheme: Scheme) -> Scheme:
-    """Add a scheme to the registry (`model.residual=<name>` then selects it)."""
-    from nagjax.sharding import LOGICAL_RULES
-
+    """Add a scheme to the registry (`model.residual=<name>` then selects it, `model.<name>.*` sets
+    its options); its logical axis names join the sharding rules."""
     existing = SCHEMES.get(scheme.name)
     if existing is not None and existing is not scheme:
         raise ValueError(f"residual scheme {scheme.name!r} is already registered")
-    shared = set(scheme.logical_axes) & set(LOGICAL_RULES)
-    if shared:
-        raise ValueError(f"scheme {scheme.name!r} redefines the shared logical axes {sorted(shared)}")
-    for other in SCHEMES.values():
-        for axis, rule in scheme.logical_axes.items():
-            if other is not scheme and axis in other.logical_axes and other.logical_axes[axis] != rule:
-                raise ValueError(f"scheme {scheme.name!r} maps logical axis {axis!r} to {rule!r}, "
-                                 f"but {other.name!r} maps it to {other.logical_axes[axis]!r}")
+    register_logical_axes(scheme.name, scheme.logical_axes)
+    declare_scheme(SchemeDeclaration(scheme.name, options=scheme.options, skip_signal=scheme.skip_signal))
     SCHEMES[scheme.name] = scheme
     return scheme
 
 
+def unregister(name: str) -> None:
+    """Remove scheme `name` from the registry, the config declarations and the sharding rules."""
+    SCHEMES.pop(name, None)
+    undeclare_scheme(name)
+    unregister_logical_axes(name)
+
+
 def get_scheme(name: str) -> Scheme:
     """The registered scheme `name`; an unknown name is a ConfigError naming the choices."""
-    if name not in SCHEMES:
-        hint = difflib.get_close_matches(name, list(SCHEMES), n=1)
-        extra = f" (did you mean {hint[0]!r}?)" if hint else ""
-        raise ConfigError(f"model.residual: got {name!r}; expected one of "
-                          f"{', '.join(repr(n) for n in SCHEMES)}{extra}")
+    scheme_declaration(name)  # the error names the registered schemes
     return SCHEMES[name]
 
 
 def all_param_groups() -> list[ParamGroup]:
     return [g for scheme in SCHEMES.values() for g in scheme.param_groups]
-
-
-def all_logical_axes() -> dict[str, Any]:
-    return {axis: rule for scheme in SCHEMES.values() for axis, rule in scheme.logical_axes.items()}

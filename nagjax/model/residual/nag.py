@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nagjax.config import ModelConfig
-from nagjax.export.remote import remote_code_export
+from nagjax.config import ConfigError, ModelConfig, SchemeOptions
 from nagjax.model import mod as modlib
 from nagjax.model.layers import param
 from nagjax.model.residual.base import ParamGroup, Scheme, State, StepContext, Sublayer
@@ -34,6 +35,36 @@ BETA_RAW_INIT = 0.5413  # softplus(0.5413) = 1.0
 # Row work of the fused update per feature: centre 2, <f,D> 2, <D,D> 2, project 2, RMS 2, scale 1,
 # D+gu 2, RMS 2, scale 1, misc 1 (counted from the reference implementation).
 NAG_ROW_FLOPS = 17
+
+
+def _check(cond: bool, key: str, message: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {message}")
+
+
+@dataclass(frozen=True)
+class NagConfig(SchemeOptions):
+    """`model.nag.*`: modulator width, alpha warm-up, numerics, fused-update kernel (§1)."""
+
+    modulator_channels: int = 32
+    alpha_warmup_steps: int = 0  # linear warm-up of alpha from 0 (the port needed it at 64 layers)
+    eps: float = 1e-6
+    gate_floor: float = 1e-6  # clamp of the modulator's inner sum before the power
+    # fused update (docs/methods.md §1.8): auto = the Pallas kernel on GPU/TPU, the reference on CPU
+    kernel: Literal["reference", "pallas", "auto"] = "auto"
+    # time the kernel's candidate tilings on the device at the first call per shape and cache the
+    # fastest under $NAGJAX_CACHE_DIR/kernels (off: the tiling table shipped with the kernel)
+    autotune: bool = False
+    # [default] exp(s_0 + decode_log_gain) at init, the head's inverse temperature before any
+    # sublayer; the decode log-gain starts at log(head_scale_init / model.init_std) (NagStream).
+    head_scale_init: float = 8.0
+
+    def validate(self, prefix: str = "model.nag") -> None:
+        _check(self.modulator_channels >= 1, f"{prefix}.modulator_channels", "must be >= 1")
+        _check(self.alpha_warmup_steps >= 0, f"{prefix}.alpha_warmup_steps", "must be >= 0")
+        _check(0 < self.eps < 1, f"{prefix}.eps", "must be in (0, 1)")
+        _check(0 < self.gate_floor < 1, f"{prefix}.gate_floor", "must be in (0, 1)")
+        _check(self.head_scale_init > 0, f"{prefix}.head_scale_init", "must be > 0")
 
 
 class GateParam(nnx.Param):
@@ -190,5 +221,5 @@ NAG = Scheme(
     logical_axes={"sublayer": None, "modulator": None},  # two slots, C channels: small, replicated
     microscope={"nag_alpha": "alpha", "nag_gate": "gate_mean", "nag_gain": "update_ratio"},
     skip_signal=True,
-    hf_export=remote_code_export,  # PyTorch modelling code via trust_remote_code
+    options=NagConfig,
 )

@@ -15,7 +15,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nagjax.config import ModelConfig
-from nagjax.export.llama import llama_export
 from nagjax.model.layers import RMSNORM_ROW_FLOPS, RMSNorm, mean_rms
 from nagjax.model.residual.base import Scheme, State, StepContext, Sublayer
 
@@ -75,8 +74,7 @@ def sublayer_row_flops(cfg: ModelConfig, executed: float) -> float:
 def _scheme(name: str, description: str, layernorm_scaling: bool) -> Scheme:
     return Scheme(name=name, description=description, stream=PreNormStream,
                   block_residual=functools.partial(PreNormResidual, layernorm_scaling=layernorm_scaling),
-                  sublayer_row_flops=sublayer_row_flops,
-                  hf_export=functools.partial(llama_export, layernorm_scaling=layernorm_scaling))
+                  sublayer_row_flops=sublayer_row_flops)
 
 
 PRENORM = _scheme("prenorm", "Pre-LN baseline: x <- x + F(Norm(x))", layernorm_scaling=False)
