@@ -6,7 +6,7 @@ Run a depth sweep with `nagjax sweep --sweep depth_cpu --workdir DIR`.
 
 import dataclasses
 
-from nagjax.analysis.depth_sweep import DepthSweep
+from nagjax.sweep import DepthSweep
 from nagjax.config import Config, DataConfig, ModelConfig, OptimConfig, TrainConfig
 from nagjax.model.residual.attnres import AttnResConfig
 from nagjax.registry import experiment, sweep

@@ -158,13 +158,11 @@ def _mod_sweep(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    import numpy as np
-
     from nagjax.analysis.diagnostics import load_run, validation_batches
     from nagjax.config import ConfigError
     from nagjax.data.mixture import run_tokenizer
+    from nagjax.infer.calibration import calibrate_thresholds
     from nagjax.infer.sample import generate
-    from nagjax.model import mod as modlib
 
     if args.mod_rate is not None and not 0 <= args.mod_rate < 1:
         raise ConfigError(f"--mod-rate: expected a skip rate in [0, 1), got {args.mod_rate:g}")
@@ -173,19 +171,15 @@ def cmd_sample(args) -> int:
     run = load_run(args.workdir)
     cfg = run.config
     tokenizer = run_tokenizer(cfg.data, args.workdir)
-    thresholds, source = None, "none (dense)"
-    if modlib.has_skip_signal(cfg.model) and not args.dense:
-        if args.mod_rate == 0:
-            thresholds, source = np.full((cfg.model.depth, 2), -np.inf), "r=0 (every token executes)"
-        elif args.mod_rate is not None:
-            batches = validation_batches(cfg, cfg.train.eval_batches)
-            q = modlib.calibrate_thresholds(run.graphdef, run.params, batches, cfg.mod, (args.mod_rate,),
-                                            under_skipping=True)
-            thresholds, source = q[..., 0], f"calibrated for r={args.mod_rate:g} on validation data"
-        elif modlib.skipping(cfg.model, cfg.mod):
-            thresholds = np.asarray(modlib.trained_thresholds(run.state["aux"]))
-            source = f"trained (r={cfg.mod.rate:g})"
-    elif args.mod_rate is not None:
+    policy = run.model().mod_policy  # trained, calibrated or no thresholds: the policy's choice
+
+    def calibrate(rate: float):
+        batches = validation_batches(cfg, cfg.train.eval_batches)
+        return calibrate_thresholds(run.graphdef, run.params, batches, (rate,), under_skipping=True)[..., 0]
+
+    thresholds, source = policy.sample_thresholds(run.state["aux"], rate=args.mod_rate, dense=args.dense,
+                                                  calibrate=calibrate)
+    if not policy.signal and args.mod_rate is not None:
         print(f"nagjax: note: --mod-rate needs a residual scheme with a skip signal (this model is "
               f"{cfg.model.residual!r}); sampling densely", file=sys.stderr)
     out = generate(run, tokenizer, args.prompt, max_new_tokens=args.max_tokens, temperature=args.temperature,
@@ -221,7 +215,7 @@ def cmd_sweep(args) -> int:
     from nagjax.registry import get_sweep, load_experiments
     from nagjax.sweep import run_sweep
 
-    from nagjax.analysis.depth_sweep import DepthSweep, run_depth_sweep
+    from nagjax.sweep import DepthSweep, run_depth_sweep
     from nagjax.config import ConfigError
 
     load_experiments(args.experiments_dir)
@@ -239,7 +233,7 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from nagjax.analysis.report import build_report
+    from nagjax.sweep.report import build_report
 
     try:
         out = build_report(args.sweep_dir, args.out, title=args.title, notes=args.note)

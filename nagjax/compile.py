@@ -17,11 +17,14 @@ import time
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from nagjax import sharding
 from nagjax.analysis import hlo
 from nagjax.config import Config, ConfigError
+from nagjax.model import build_model
 from nagjax.model.layers import compute_dtype_name
+from nagjax.train.state import training_state
 
 # Cloud TPU slice names (cores for v4/v5p, chips for v5e/v6e) -> jax topology names.
 TPU_ALIASES = {
@@ -102,18 +105,12 @@ def target_config(config: Config, platform: str) -> Config:
 
 def _abstract_training(cfg: Config):
     """(steps, init_state) exactly as the trainer builds them (shapes only)."""
-    from nagjax.train.state import training_state
-
     spec = training_state(cfg)
     return spec.steps, spec.init
 
 
 def _stream_bytes_per_token(model_cfg) -> int:
     """Bytes of the residual scheme's stream state per token (what remat=full saves per block)."""
-    from flax import nnx
-
-    from nagjax.model import build_model
-
     graphdef, params = nnx.split(nnx.eval_shape(lambda: build_model(model_cfg)))
     token = jax.ShapeDtypeStruct((1, 1), jnp.int32)
     state = jax.eval_shape(lambda p, t: nnx.merge(graphdef, p).encode(t), params, token)

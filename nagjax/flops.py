@@ -8,8 +8,8 @@ Conventions (also in the README):
     `causal_fraction=1.0` to count what a dense-mask implementation actually executes.
   * Per-token row work that is not a matmul is what each residual scheme declares in its registry
     entry (norms and adds, NAG's fused update and modulator, AttnRes mixing); Mixture-of-Depths'
-    executed fractions and selection cost come from `nagjax.model.mod`. Softmax, RoPE and the loss
-    are not counted.
+    executed fractions, K/V rule and selection cost are what `MoDPolicy` answers (nagjax/model/mod/).
+    Softmax, RoPE and the loss are not counted.
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from nagjax.config import ModConfig, ModelConfig
-from nagjax.model import mod as modlib
+from nagjax.model.mod import MoDPolicy, selection_flops
 from nagjax.model.residual import get_scheme
+from nagjax.model.taper import block_widths
 
 # Dense bf16 peak FLOP/s by device kind (substring match on `jax.Device.device_kind`, first hit).
 PEAK_FLOPS = (
@@ -56,8 +57,6 @@ class FlopBreakdown:
 
 def block_mlp_widths(cfg: ModelConfig) -> list[int]:
     """MLP hidden width per block (CascadeFormer taper, docs/methods.md §5; uniform without it)."""
-    from nagjax.model.taper import block_widths
-
     return block_widths(cfg)
 
 
@@ -66,7 +65,7 @@ def forward_breakdown(cfg: ModelConfig, seq_len: int, *, causal_fraction: float 
     """Forward FLOPs per token (averaged over the sequence) at context length `seq_len`.
 
     Counts executed work only. `mod` gives the training-time Mixture-of-Depths fractions (k/T per
-    skipping sublayer, plus top-k, gather and scatter); `executed` ([depth, 2] fractions, e.g.
+    skipping sublayer, plus top-k, gather and scatter), as `MoDPolicy.of(cfg, mod)` answers them; `executed` ([depth, 2] fractions, e.g.
     measured at inference thresholds) overrides them and adds no gather/scatter. The skip signal
     (a scheme's row work) always runs on every token. Under the K/V rule `mod.kv == "kept"`
     skipped tokens give no K/V (K/V projections and scores shrink with the kept share); with "all"
@@ -74,9 +73,10 @@ def forward_breakdown(cfg: ModelConfig, seq_len: int, *, causal_fraction: float 
     """
     scheme = get_scheme(cfg.residual)
     d, hd = cfg.d_model, cfg.head_dim
-    gathered = executed is None and modlib.skipping(cfg, mod)
-    frac = np.asarray(executed if executed is not None else modlib.executed_fractions(cfg, seq_len, mod), float)
-    kv_follows = modlib.kv_follows_execution(mod)
+    policy = MoDPolicy.of(cfg, mod)
+    gathered = executed is None and policy.skipping
+    frac = np.asarray(executed if executed is not None else policy.executed_fractions(seq_len), float)
+    kv_follows = policy.kv_follows_execution
     qo = 2.0 * 2 * d * cfg.n_heads * hd
     kv = 2.0 * 2 * d * cfg.kv_heads * hd
     scores = 2 * 2 * seq_len * cfg.n_heads * hd * causal_fraction  # QK^T and AV, all tokens
@@ -88,7 +88,7 @@ def forward_breakdown(cfg: ModelConfig, seq_len: int, *, causal_fraction: float 
         for f in (fa, fm):
             resid += scheme.sublayer_row_flops(cfg, f)
             if gathered and f < 1.0:
-                resid += modlib.selection_flops(seq_len, d, f)
+                resid += selection_flops(seq_len, d, f)
     resid += scheme.final_row_flops(cfg)
     return FlopBreakdown(
         attention_matmuls=attn_m,

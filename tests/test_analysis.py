@@ -100,4 +100,4 @@ def test_analyze_overlays_two_runs(runs, tmp_path, capsys):
     np.testing.assert_allclose(w.sum(-1), 1.0, rtol=1e-5)
     pngs = {p.name for p in tmp_path.glob("*.png")}
     assert {"stream_rms.png", "update_ratio.png", "cosine.png", "grad_norm_sum.png",
-            "skip_loss_increase.png", "attnres_mixing_attnres_taper.png"} <= pngs
+            "skip_loss_increase.png", "mix_weights_attnres_taper.png"} <= pngs

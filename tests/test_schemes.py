@@ -1,13 +1,17 @@
-"""The residual-scheme registry: a scheme defined and registered in this file alone (Post-LN)
-trains through the real trainer, is counted by the FLOP counter, gets its own optimiser group and
-sharding rule, and runs under the depth microscope; unknown schemes are errors; and no module
-outside `nagjax/model/residual/` branches on a scheme's name."""
+"""The residual-scheme registry: a scheme defined and registered in this file alone (Post-LN, with
+hyperparameters of its own, a plotted statistic and a Hugging Face exporter) trains through the
+real trainer, takes `model.postln.*` overrides, is counted by the FLOP counter, gets its own
+optimiser group and sharding rule, is plotted by the depth microscope and exported; unknown
+schemes are errors; and no module outside `nagjax/model/residual/` branches on a scheme's name.
+In a package, the scheme is one file under model/residual/ and its exporter one under export/."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -17,13 +21,30 @@ from flax import nnx
 
 from conftest import TINY_RUN
 from nagjax import flops, sharding
-from nagjax.config import Config, ConfigError, ModelConfig, apply_overrides
+from nagjax.analysis.plots import analyze
+from nagjax.config import Config, ConfigError, ModelConfig, SchemeOptions, apply_overrides, config_from_dict
+from nagjax.export.hf import export_workdir
+from nagjax.export.layers import flat, per_block
+from nagjax.export.registry import EXPORTERS, register_exporter
 from nagjax.model import build_model
 from nagjax.model.layers import RMSNorm, mean_rms
-from nagjax.model.residual import SCHEMES, ParamGroup, Scheme, register, unregister
+from nagjax.model.residual import MicroscopeStat, ParamGroup, Scheme, register, unregister
 from nagjax.train import optim
+from nagjax.train.logging import read_metrics
+from nagjax.train.trainer import evaluate_workdir, train
 
 POSTLN_ROW_FLOPS = 5  # per feature: add, and the RMSNorm after it
+
+
+@dataclass(frozen=True)
+class PostLNConfig(SchemeOptions):
+    """`model.postln.*`: the scheme's own hyperparameters, defined beside it."""
+
+    gain_init: float = 1.0
+
+    def validate(self, prefix: str = "model.postln") -> None:
+        if not self.gain_init > 0:
+            raise ConfigError(f"{prefix}.gain_init: must be > 0")
 
 
 class PostLNGain(nnx.Param):
@@ -55,13 +76,14 @@ class PostLNResidual(nnx.Module):
 
     def __init__(self, cfg, block_index, *, rngs):
         self.norms = nnx.List([RMSNorm(cfg.d_model, cfg.norm_eps, rngs=rngs) for _ in range(2)])
-        self.gain = PostLNGain(jnp.ones((2,), jnp.float32), logical_axes=("postln_slot",))
+        self.gain = PostLNGain(jnp.full((2,), cfg.postln.gain_init, jnp.float32), logical_axes=("postln_slot",))
 
     def __call__(self, state, sublayer, positions_bt, slot, block_index, ctx):
         x = state["x"]
         f = sublayer(x, positions_bt, kv=None)
         new = self.norms[slot](x + self.gain[...][slot].astype(x.dtype) * f)
-        return {"x": new}, {"stream_rms": mean_rms(new), "update_ratio": mean_rms(f) / (mean_rms(x) + 1e-12)}
+        return {"x": new}, {"stream_rms": mean_rms(new), "update_ratio": mean_rms(f) / (mean_rms(x) + 1e-12),
+                            "gain": self.gain[...][slot]}
 
 
 POSTLN = Scheme(
@@ -72,29 +94,55 @@ POSTLN = Scheme(
     sublayer_row_flops=lambda cfg, executed: POSTLN_ROW_FLOPS * cfg.d_model,
     param_groups=(ParamGroup("postln_gain", PostLNGain, lr_scale=lambda optim_cfg: 0.5),),
     logical_axes={"postln_slot": None},
+    microscope={"postln_gain": MicroscopeStat("gain", "Post-LN residual gain")},
+    options=PostLNConfig,
 )
+
+
+def postln_export(cfg: ModelConfig, params: dict) -> tuple[dict, dict]:
+    """What an exporter module under export/ would hold: config.json and flat tensors."""
+    tensors = flat({k: v for k, v in params.items() if k != "blocks"})
+    for i, block in enumerate(per_block(cfg, params)):
+        tensors.update(flat(block, f"layers.{i}."))
+    return {"model_type": "postln", "gain_init": cfg.postln.gain_init, "num_hidden_layers": cfg.depth}, tensors
 
 
 @pytest.fixture
 def postln():
     register(POSTLN)  # the one registry line
+    register_exporter("postln", postln_export)  # ... and its exporter's
     yield POSTLN
     unregister("postln")
+    del EXPORTERS["postln"]
 
 
-def test_a_scheme_from_one_file_trains_counts_flops_and_groups_params(postln, tmp_path):
-    from nagjax.train.logging import read_metrics
-    from nagjax.train.trainer import evaluate_workdir, train
-
+def test_a_scheme_from_one_file_trains_counts_flops_groups_params_plots_and_exports(postln, tmp_path):
+    with pytest.raises(ConfigError, match="model.postln.gain_init: must be > 0"):
+        apply_overrides(Config(), ["model.residual=postln", "model.postln.gain_init=0"])
     config = apply_overrides(Config(name="postln"), [
-        *TINY_RUN, "model.residual=postln", "train.steps=2", "train.eval_every=0",
+        *TINY_RUN, "model.residual=postln", "model.postln.gain_init=0.5", "train.steps=2", "train.eval_every=0",
         "train.eval_batches=1", "train.checkpoint_every=0", "train.log_every=1"])
-    result = train(config, tmp_path)
-    records = read_metrics(tmp_path / "logs" / "metrics.jsonl")
+    assert config.model.postln == PostLNConfig(gain_init=0.5)
+    assert config.to_dict()["model"]["postln"] == {"gain_init": 0.5}
+    assert config_from_dict(config.to_dict()) == config
+    result = train(config, tmp_path / "run")
+    records = read_metrics(tmp_path / "run" / "logs" / "metrics.jsonl")
     assert [s for s in sorted(records) if "train/loss" in records[s]] == [1, 2]
     assert math.isfinite(result.val_loss) and result.step == 2
     assert "layers/stream_rms/01_mlp" in records[2]
-    assert evaluate_workdir(tmp_path)["loss"] == pytest.approx(result.val_loss, rel=1e-6)
+    assert evaluate_workdir(tmp_path / "run")["loss"] == pytest.approx(result.val_loss, rel=1e-6)
+
+    # the microscope records and plots the scheme's own statistic, read from its registry entry
+    out = analyze([tmp_path / "run"], tmp_path / "micro", eval_batches=1, skip_losses=False)
+    gain = np.asarray(out["runs"][0]["sublayers"]["postln_gain"])
+    assert gain.shape == (config.model.depth, 2) and np.all(gain > 0) and np.all(gain < 1)  # from 0.5
+    np.testing.assert_allclose(out["runs"][0]["sublayers"]["stream_rms"], 1.0, rtol=1e-2)  # post-norm
+    assert (tmp_path / "micro" / "postln_gain.png").is_file()
+
+    exported = export_workdir(tmp_path / "run", tmp_path / "hf")
+    assert exported["gain_init"] == 0.5 and exported["nagjax"]["residual"] == "postln"
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "postln"
+    assert (tmp_path / "hf" / "model.safetensors").stat().st_size > 0
 
     model_cfg = dataclasses.replace(config.model, vocab_size=97)
     breakdown = flops.forward_breakdown(model_cfg, 32)
@@ -108,19 +156,6 @@ def test_a_scheme_from_one_file_trains_counts_flops_and_groups_params(postln, tm
     opt_state = optim.make_optimizer(config.optim, 10, params).init(params)
     assert {"matrix", "vector", "postln_gain"} <= set(opt_state[1].inner_states)
     assert sharding.logical_rules()["postln_slot"] is None
-
-
-def test_the_microscope_reads_a_registered_scheme(postln):
-    from nagjax.analysis.diagnostics import trace
-
-    model = build_model(apply_overrides(Config(), [*TINY_RUN, "model.residual=postln",
-                                                   "model.vocab_size=97"]).model)
-    tokens = jnp.arange(12).reshape(2, 6)
-    logits, sub, blk = trace(model, tokens)
-    assert logits.shape == (2, 6, 97) and sub["stream_rms"].shape == (2, 2)
-    # post-norm: a unit-RMS stream at every depth (up to norm_eps against the embedding's tiny scale)
-    np.testing.assert_allclose(sub["stream_rms"], 1.0, rtol=1e-2)
-    assert blk["block_cosine"].shape == (2,)
 
 
 def test_unknown_scheme_is_an_error_everywhere():

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import TINY_RUN
 from nagjax import flops
-from nagjax.analysis.report import build_report
+from nagjax.sweep.report import build_report
 from nagjax.config import Config, apply_overrides
 from nagjax.registry import get_sweep, load_experiments
 from nagjax.sweep import IsoFlopSweep, Variant, plan, run_sweep, summarise
@@ -74,7 +74,7 @@ def test_diverged_runs_never_win_and_reports_flag_grid_edges(tmp_path):
     assert a["by_lr"]["0.001"]["mean"] == float("inf")  # one diverged seed: the learning rate is out
     assert b["best_lr_at_edge"] is False  # a grid of one has no edge
     results = {"kind": "depth", "tokens": 10, "seeds": 2, "variants": [a, b], "runs": runs}
-    from nagjax.analysis.report import tables, write_sweep_outputs
+    from nagjax.sweep.report import tables, write_sweep_outputs
 
     write_sweep_outputs(results, tmp_path)
     text = (tmp_path / "results.md").read_text()

@@ -32,12 +32,14 @@ import numpy as np
 from flax import nnx
 
 from nagjax.config import Config, config_from_dict
+from nagjax.data import pipeline
 from nagjax.model import StepContext
 from nagjax.model import mod as modlib
 from nagjax.model.residual import get_scheme
 from nagjax.model.transformer import block_stacks_of
 from nagjax.train.checkpoint import CheckpointStore, abstract_like
-from nagjax.train.state import restore_state
+from nagjax.train.loss import cross_entropy
+from nagjax.train.state import restore_state, training_state
 
 
 @dataclass
@@ -67,8 +69,6 @@ def checkpoint_steps(workdir: str | Path) -> list[int]:
 def abstract_state(config: Config):
     """(graphdef, shape/dtype tree of {params, opt_state, aux}, init function) of a config,
     exactly as the trainer builds them."""
-    from nagjax.train.state import training_state
-
     spec = training_state(config)
     return spec.graphdef, spec.abstract, spec.init
 
@@ -94,8 +94,6 @@ def load_run(workdir: str | Path, step: int | None = None) -> Run:
 
 
 def validation_batches(config: Config, n_batches: int) -> list[dict[str, np.ndarray]]:
-    from nagjax.data import pipeline
-
     return pipeline.eval_batches(config.data, n_batches)
 
 
@@ -128,8 +126,8 @@ def trace(model, tokens_bt, keep=None):
             rows.setdefault("stream_rms", []).append(jnp.mean(rms))
             rows.setdefault("update_ratio", []).append(jnp.mean(delta))
             rows.setdefault("cosine", []).append(jnp.mean(_row_cos(r_before, r_after)))
-            for name, key in own.items():
-                rows.setdefault(name, []).append(stats[key])
+            for name, own_stat in own.items():
+                rows.setdefault(name, []).append(stats[own_stat.stat])
 
         new, _ = block(state, positions, block_index, ctx, observe=observe)
         new = jax.tree.map(lambda a, b: jnp.where(keep_block > 0, a, b), new, state)
@@ -142,8 +140,6 @@ def trace(model, tokens_bt, keep=None):
 
 
 def _loss(logits, targets):
-    from nagjax.train.loss import cross_entropy
-
     return jnp.mean(cross_entropy(logits, targets))
 
 

@@ -2,7 +2,9 @@
 
 One figure per quantity; the runs passed together (e.g. Pre-LN and NAG) overlay on one axis.
 Sublayer quantities are drawn against the sublayer number (1..2L, attention odd, MLP even),
-block quantities against the block's original index.
+block quantities against the block's original index. Besides the quantities every scheme has,
+each registered scheme's own (`Scheme.microscope`: NAG's gain, gate and alpha; AttnRes's mixing
+weights as a heat map per run) are plotted from its registry entry.
 """
 
 from __future__ import annotations
@@ -12,13 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
-SUBLAYER_PLOTS = (
+from nagjax.analysis import diagnostics as diag
+from nagjax.model.residual import SCHEMES
+
+SUBLAYER_PLOTS = (  # every scheme's
     ("stream_rms", "residual-stream RMS (NAG: exp of the norm lane)", True),
     ("update_ratio", "relative update ||delta R|| / ||R||", True),
     ("cosine", "cos(R before, R after) of each sublayer", False),
-    ("nag_gain", "NAG realised gain g = alpha * m", False),
-    ("nag_gate", "NAG modulator m (mean)", False),
-    ("nag_alpha", "NAG alpha", False),
 )
 BLOCK_PLOTS = (
     ("grad_norm_sum", "accumulated gradient norm (CascadeFlow score)", True),
@@ -55,7 +57,9 @@ def plot_all(micros: list[dict], out_dir: str | Path) -> list[Path]:
         plt.close(fig)
         written.append(path)
 
-    for key, title, log in SUBLAYER_PLOTS:
+    own = {name: s for scheme in SCHEMES.values() for name, s in scheme.microscope.items()}
+    lines = [*SUBLAYER_PLOTS, *((name, s.title, s.log) for name, s in own.items() if not s.heatmap)]
+    for key, title, log in lines:
         runs = [m for m in micros if key in m["sublayers"]]
         if not runs:
             continue
@@ -89,26 +93,28 @@ def plot_all(micros: list[dict], out_dir: str | Path) -> list[Path]:
         ax.legend(fontsize=8)
         save(fig, key)
 
-    for m in micros:
-        if "mix_weights" not in m["sublayers"]:
+    for key, s in own.items():
+        if not s.heatmap:
             continue
-        w = np.asarray(m["sublayers"]["mix_weights"])  # [depth, 2, N]
-        w = w.reshape(-1, w.shape[-1])
-        fig, ax = plt.subplots(figsize=(6.4, 4.8))
-        im = ax.imshow(w, aspect="auto", cmap="viridis", vmin=0, vmax=max(float(w.max()), 1e-6))
-        ax.set_xlabel("source slot (0 = embedding, k = block of sublayer outputs)")
-        ax.set_ylabel("reading sublayer (0-based)")
-        ax.set_title(f"AttnRes depth-mixing weights: {_label(m)}", fontsize=10)
-        fig.colorbar(im, ax=ax)
-        save(fig, f"attnres_mixing_{m['name']}")
+        for m in micros:
+            if key not in m["sublayers"]:
+                continue
+            w = np.asarray(m["sublayers"][key])  # [depth, 2, N]
+            w = w.reshape(-1, w.shape[-1])
+            fig, ax = plt.subplots(figsize=(6.4, 4.8))
+            im = ax.imshow(w, aspect="auto", cmap="viridis", vmin=min(0.0, float(w.min())),
+                           vmax=max(float(w.max()), 1e-6))
+            ax.set_xlabel("entry")
+            ax.set_ylabel("sublayer (0-based)")
+            ax.set_title(f"{s.title}: {_label(m)}", fontsize=9)
+            fig.colorbar(im, ax=ax)
+            save(fig, f"{key}_{m['name']}")
     return written
 
 
 def analyze(workdirs: list[str | Path], out_dir: str | Path, *, eval_batches: int | None = None,
             skip_losses: bool = True) -> dict:
     """Microscope every workdir on the same validation batches, write `depth.json` and PNGs."""
-    from nagjax.analysis import diagnostics as diag
-
     micros = []
     batches = None
     for wd in workdirs:

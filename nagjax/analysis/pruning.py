@@ -30,6 +30,7 @@ from nagjax.config import Config, ConfigError
 from nagjax.model import taper
 from nagjax.model.transformer import stack_paths
 from nagjax.train.checkpoint import CheckpointStore
+from nagjax.train.trainer import evaluate_workdir, train
 
 METHODS = ("cascadeflow", "block-influence", "angular", "magnitude")
 
@@ -147,8 +148,6 @@ def prune_state(run: diag.Run, keep: list[int]) -> tuple[Config, dict]:
 def prune_workdir(workdir: str | Path, n_blocks: int, method: str, *, out: str | Path | None = None,
                   heal_steps: int = 0, eval_batches: int | None = None) -> dict:
     """Remove the `n_blocks` lowest-scoring blocks; write, evaluate (and optionally heal) the result."""
-    from nagjax.train.trainer import evaluate_workdir, train
-
     if method not in METHODS:
         raise ConfigError(f"--method: unknown {method!r}; expected one of {', '.join(METHODS)}")
     run = diag.load_run(workdir)

@@ -10,7 +10,7 @@ _HOMES = {
     "build_shards": "build", "run_data_command": "build",
     "DataError": "corpus", "cache_dir": "corpus", "embedded_documents": "corpus", "embedded_text": "corpus",
     "bytes_per_token": "pipeline", "eval_batches": "pipeline", "train_iterator": "pipeline",
-    "TokenSplit": "shards", "open_split": "shards",
+    "TokenSplit": "shards", "open_split": "splits",
     "Inputs": "sources",
     "HFTokenizer": "tokenizer", "SentencePieceTokenizer": "tokenizer", "Tokenizer": "tokenizer",
     "embedded_tokenizer": "tokenizer", "load_tokenizer": "tokenizer", "train_tokenizer": "tokenizer",

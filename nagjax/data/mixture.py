@@ -24,7 +24,8 @@ import shutil
 
 from nagjax.config import parse_sources
 from nagjax.data.corpus import DataError
-from nagjax.data.shards import TokenSplit, open_source
+from nagjax.data.shards import TokenSplit
+from nagjax.data.splits import open_source
 from nagjax.data.tokenizer import Tokenizer, load_tokenizer
 
 RUN_TOKENIZER = "tokenizer"  # WORKDIR/tokenizer/: the run's own copy of its tokeniser

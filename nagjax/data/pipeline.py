@@ -25,7 +25,8 @@ import grain
 import numpy as np
 
 from nagjax.data import mixture
-from nagjax.data.shards import DataError, TokenSplit, open_split
+from nagjax.data.shards import DataError, TokenSplit
+from nagjax.data.splits import open_split
 
 
 class WindowSource:

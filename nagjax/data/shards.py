@@ -24,12 +24,11 @@ import json
 import os
 import pathlib
 import shutil
-import sys
 
 import numpy as np
 
 from nagjax.data import tokenizer as tok
-from nagjax.data.corpus import DataError, cache_dir, corpus_id, embedded_documents, file_lock
+from nagjax.data.corpus import DataError
 
 FORMAT = "nagjax-token-shards"
 VERSION = 1
@@ -233,46 +232,3 @@ def open_shards(directory: str | os.PathLike, split: str, tokenizer: str = "") -
     if not arrays or sum(len(a) for a in arrays) == 0:
         raise DataError(f"split {split!r} of {d} is empty; rebuild with {rebuild_command(d)}")
     return TokenSplit(split, d, tuple(arrays), n_bytes, n_docs, tk)
-
-
-def embedded_shards_dir(data_cfg) -> pathlib.Path:
-    """Shards of the embedded corpus for this config's tokeniser; built and cached on first use."""
-    from nagjax.data.build import write_splits
-
-    tk = (
-        tok.load_tokenizer(data_cfg.tokenizer)
-        if data_cfg.tokenizer
-        else (tok.embedded_tokenizer(data_cfg.vocab_size))
-    )
-    out = cache_dir() / "shards" / f"embedded-{corpus_id()}-{tk.sha256()[:12]}"
-    with file_lock(out):
-        if out.is_dir():
-            try:
-                for split in SPLITS:
-                    open_shards(out, split)
-                return out
-            except DataError as e:
-                print(f"nagjax: rebuilding the embedded-corpus cache {out}: {e}", file=sys.stderr)
-        tmp = tmp_dir(out)
-        try:
-            model = tk.copy_to(tmp)
-            labelled = ((s, d) for s in SPLITS for d in embedded_documents(s))
-            meta = base_meta(model)
-            meta.update(inputs=["embedded"], splits=write_splits(tmp, labelled, model))
-            finish_dir(tmp, out, meta)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    return out
-
-
-def open_split(data_cfg, split: str) -> TokenSplit:
-    """The tokens of `split` for a DataConfig with one source: the embedded corpus or a shard
-    folder (a mixture's sources are opened one by one, mixture.py)."""
-    return open_source(data_cfg.source, data_cfg, split)
-
-
-def open_source(source: str, data_cfg, split: str) -> TokenSplit:
-    if source == "embedded":
-        return open_shards(embedded_shards_dir(data_cfg), split)
-    return open_shards(source, split, data_cfg.tokenizer)

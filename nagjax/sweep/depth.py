@@ -5,7 +5,7 @@ A `DepthSweep` (registered with `nagjax.registry.sweep`, see experiments/depth.p
 (`train.steps = tokens / (batch_size * seq_len)`), so deeper models spend more compute: the
 question is how each scheme's loss scales with depth, not iso-FLOP efficiency. Like an iso-FLOP
 sweep it trains each variant at each learning rate of its grid (`lrs`) with `seeds` seeds and
-reports it at its best learning rate as mean +- std (`nagjax.sweep`).
+reports it at its best learning rate as mean +- std (`nagjax.sweep.iso_flop`).
 
     nagjax sweep --sweep depth_cpu --workdir runs/depth_cpu
 
@@ -22,6 +22,9 @@ from pathlib import Path
 
 from nagjax import flops
 from nagjax.config import Config
+from nagjax.sweep.iso_flop import PlannedRun, grid, summarise, train_run
+from nagjax.sweep.report import write_sweep_outputs
+from nagjax.train.trainer import resolve as resolve_config
 
 
 @dataclass(frozen=True)
@@ -35,10 +38,7 @@ class DepthSweep:
     def plan(self, resolve=None) -> list:
         """Every run, with `train.steps` set from the token budget. `resolve` fills derived fields
         (the tokeniser's vocabulary; default: the trainer's)."""
-        from nagjax.sweep import PlannedRun, grid
-
-        if resolve is None:
-            from nagjax.train.trainer import resolve
+        resolve = resolve_config if resolve is None else resolve
         runs = []
         for name, cfg in self.variants:
             steps = max(1, self.tokens // (cfg.data.batch_size * cfg.data.seq_len))
@@ -50,9 +50,6 @@ class DepthSweep:
 
 def run_depth_sweep(sweep: DepthSweep, workdir: str | Path) -> list[dict]:
     """Train every run of a depth sweep; returns the per-variant summaries."""
-    from nagjax.analysis.report import write_sweep_outputs
-    from nagjax.sweep import summarise, train_run
-
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     runs = sweep.plan()

@@ -13,8 +13,8 @@ run is kept in `results.json`. Validation losses are causal (`Trainer.evaluate`)
 
 Runs train one after another under `workdir/<variant>/lr<lr>-s<seed>`; a run with a `result.json`
 is done and skipped, an unfinished one resumes from its checkpoint. At the end the sweep writes
-`results.json`, `results.md` and plots (`nagjax.analysis.report`). Depth sweeps
-(`analysis/depth_sweep.py`) plan differently and share the runner and the summary.
+`results.json`, `results.md` and plots (`nagjax.sweep.report`). Depth sweeps
+(`nagjax/sweep/depth.py`) plan differently and share the runner and the summary.
 """
 
 from __future__ import annotations
@@ -28,6 +28,13 @@ from pathlib import Path
 
 from nagjax import flops
 from nagjax.config import Config, ConfigError, apply_overrides
+from nagjax.interrupts import Interrupted
+from nagjax.sweep.report import write_sweep_outputs
+from nagjax.train.checkpoint import write_json_atomic
+from nagjax.train.guard import TrainingDiverged
+from nagjax.train.logging import read_metrics
+from nagjax.train.trainer import resolve as resolve_config
+from nagjax.train.trainer import train
 
 # What a Mixture-of-Depths run's evaluation adds besides its causal loss (`Trainer.evaluate`).
 MOD_DIAGNOSTICS = ("loss_topk", "skip_rate", "forward_flops_per_token")
@@ -90,8 +97,7 @@ def grid(variant: str, config: Config, lrs: tuple[float, ...], seeds: int) -> li
 def plan(sweep: IsoFlopSweep, overrides: tuple[str, ...] = (), resolve=None) -> list[PlannedRun]:
     """Every run of the sweep, with `train.steps` set so that steps x tokens/step x F = budget
     (rounded to the nearest step). `resolve` fills derived fields (the tokeniser's vocabulary)."""
-    if resolve is None:
-        from nagjax.train.trainer import resolve
+    resolve = resolve_config if resolve is None else resolve
     runs = []
     for variant in sweep.variants:
         cfg = resolve(apply_overrides(sweep.base, [*variant.overrides, *overrides]))
@@ -106,8 +112,6 @@ def plan(sweep: IsoFlopSweep, overrides: tuple[str, ...] = (), resolve=None) -> 
 
 
 def _eval_curve(workdir: Path) -> list[tuple[int, float]]:
-    from nagjax.train.logging import read_metrics
-
     records = read_metrics(workdir / "logs" / "metrics.jsonl")
     return [(s, r["eval/loss"]) for s, r in sorted(records.items()) if "eval/loss" in r]
 
@@ -130,9 +134,6 @@ def run_result(run: PlannedRun, out, workdir: Path) -> dict:
 def train_run(run: PlannedRun, workdir: Path, label: str = "sweep") -> dict:
     """Train one run under `workdir/<run.name>` and return its record; a run whose `result.json`
     exists is done and only read back, an unfinished one resumes from its checkpoint."""
-    from nagjax.train.checkpoint import write_json_atomic
-    from nagjax.train.trainer import train
-
     if "jsonl" not in run.config.train.logger_list:
         raise ConfigError(f"train.loggers={run.config.train.loggers!r}: sweeps read logs/metrics.jsonl; "
                           "keep jsonl in the list (e.g. train.loggers=tensorboard,jsonl,wandb)")
@@ -140,9 +141,6 @@ def train_run(run: PlannedRun, workdir: Path, label: str = "sweep") -> dict:
     if done.exists():
         print(f"[{label}] {run.name}: done, skipping", flush=True)
         return json.loads(done.read_text())
-    from nagjax.interrupts import Interrupted
-    from nagjax.train.guard import TrainingDiverged
-
     try:
         out = train(run.config, workdir / run.name)
     except Interrupted as e:
@@ -195,8 +193,6 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 def run_sweep(sweep: IsoFlopSweep, workdir: str | Path, overrides: tuple[str, ...] = ()) -> list[dict]:
     """Train every run of an iso-FLOP sweep; returns the per-variant summaries."""
-    from nagjax.analysis.report import write_sweep_outputs
-
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     runs = plan(sweep, overrides)

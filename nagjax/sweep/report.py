@@ -1,7 +1,7 @@
 """Sweep results as tables and plots: each sweep's own folder, and the results page.
 
 `write_sweep_outputs(results, workdir)` writes a finished sweep's `results.json` (every run and the
-per-variant summaries of `nagjax.sweep.summarise`), `results.md` and its plots: iso-FLOP sweeps
+per-variant summaries of `nagjax.sweep.iso_flop.summarise`), `results.md` and its plots: iso-FLOP sweeps
 `loss_vs_rate.png` and `loss_vs_flops.png`, depth sweeps `loss_vs_depth.png`, with error bars of
 one standard deviation over seeds at each variant's best learning rate.
 
@@ -16,6 +16,8 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+
+from nagjax.train.trainer import run_info
 
 PLOTS = {"iso_flop": ("loss_vs_rate.png", "loss_vs_flops.png"), "depth": ("loss_vs_depth.png",)}
 
@@ -154,8 +156,6 @@ def plot(results: dict, out_dir: Path) -> list[Path]:
 
 def write_sweep_outputs(results: dict, workdir: Path) -> None:
     """results.json (with the run environment), results.md and the plots of a finished sweep."""
-    from nagjax.train.trainer import run_info
-
     workdir = Path(workdir)
     results = {**results, "run_info": run_info()}
     (workdir / "results.json").write_text(json.dumps(results, indent=2))

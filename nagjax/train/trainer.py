@@ -27,6 +27,7 @@ from nagjax.config import Config, ConfigError, config_from_dict
 from nagjax.data import mixture, pipeline
 from nagjax.interrupts import Interrupted, StopSignal
 from nagjax.model.layers import compute_dtype_name
+from nagjax.model.taper import describe
 from nagjax.train.checkpoint import CheckpointStore, abstract_like, write_json_atomic
 from nagjax.train.logging import ScalarWriter, layer_scalars
 from nagjax.train.state import restore_state, training_state
@@ -269,7 +270,6 @@ class Trainer:
                   f"{self.n_params / 1e6:.2f}M params, {self.flops_per_token / 1e6:.1f} MFLOP/token (train), "
                   f"{tc.steps} steps x {tokens_per_step} tokens -> {self.workdir}", flush=True)
             if cfg.model.taper != "none":
-                from nagjax.model.taper import describe
 
                 print(describe(cfg.model), flush=True)
         else:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from nagjax.model.residual.base import (SCHEMES, ParamGroup, Scheme, StepContext, all_param_groups,
+from nagjax.model.residual.base import (SCHEMES, MicroscopeStat, ParamGroup, Scheme, StepContext, all_param_groups,
                                         get_scheme, register, unregister)
 from nagjax.model.residual.attnres import ATTNRES
 from nagjax.model.residual.nag import NAG
@@ -13,5 +13,5 @@ register(LNS)
 register(NAG)
 register(ATTNRES)
 
-__all__ = ["SCHEMES", "ParamGroup", "Scheme", "StepContext", "all_param_groups", "get_scheme", "register",
+__all__ = ["SCHEMES", "MicroscopeStat", "ParamGroup", "Scheme", "StepContext", "all_param_groups", "get_scheme", "register",
            "unregister"]

@@ -43,7 +43,7 @@ from flax import nnx
 
 from nagjax.config import ConfigError, ModelConfig, SchemeOptions
 from nagjax.model.layers import RMSNorm, compute_dtype, mean_rms, param, rms_normalize
-from nagjax.model.residual.base import Scheme, State, StepContext, Sublayer
+from nagjax.model.residual.base import MicroscopeStat, Scheme, State, StepContext, Sublayer
 from nagjax.model.residual.prenorm import sublayer_row_flops as prenorm_row_flops
 
 
@@ -185,6 +185,8 @@ ATTNRES = Scheme(
     # the pre-norm and the add into the source buffer, plus the mixing read before every sublayer
     sublayer_row_flops=lambda cfg, executed: prenorm_row_flops(cfg, executed) + mix_flops(cfg),
     final_row_flops=mix_flops,  # the final aggregation before the final norm
-    microscope={"mix_weights": "mix_weights"},
+    microscope={"mix_weights": MicroscopeStat(
+        "mix_weights", "AttnRes depth-mixing weights (source 0 = embedding, k = block of sublayer outputs)",
+        heatmap=True)},
     options=AttnResConfig,
 )

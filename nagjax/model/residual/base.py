@@ -88,6 +88,17 @@ def _no_flops(cfg: ModelConfig) -> float:
 
 
 @dataclass(frozen=True)
+class MicroscopeStat:
+    """A per-sublayer statistic of a scheme that the depth microscope records and plots
+    (`nagjax analyze`): `stat` names the entry of the block residual's stats, `title` the plot's."""
+
+    stat: str
+    title: str
+    log: bool = False  # log-scale y axis
+    heatmap: bool = False  # the stat is a vector per sublayer: drawn as a sublayer x entry heat map
+
+
+@dataclass(frozen=True)
 class Scheme:
     name: str
     description: str
@@ -99,7 +110,7 @@ class Scheme:
     final_row_flops: Callable[[ModelConfig], float] = _no_flops  # once per token before the head
     param_groups: tuple[ParamGroup, ...] = ()
     logical_axes: Mapping[str, Any] = field(default_factory=dict)  # name -> mesh axes (sharding.py)
-    microscope: Mapping[str, str] = field(default_factory=dict)  # plotted name -> per-sublayer stat
+    microscope: Mapping[str, MicroscopeStat] = field(default_factory=dict)  # recorded name -> stat
     # The block residual computes a per-token skip signal before the sublayer runs and makes a
     # skipped sublayer an exact identity, so Mixture-of-Depths can route on it (docs/methods.md §2).
     skip_signal: bool = False

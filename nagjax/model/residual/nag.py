@@ -25,7 +25,7 @@ from flax import nnx
 from nagjax.config import ConfigError, ModelConfig, SchemeOptions
 from nagjax.model import mod as modlib
 from nagjax.model.layers import param
-from nagjax.model.residual.base import ParamGroup, Scheme, State, StepContext, Sublayer
+from nagjax.model.residual.base import MicroscopeStat, ParamGroup, Scheme, State, StepContext, Sublayer
 from nagjax.sharding import map_over_batch
 from pallas_kernels.nag_update import nag_update, resolve_impl
 from pallas_kernels.nag_update.reference import gated_update, modulator
@@ -219,7 +219,9 @@ NAG = Scheme(
     sublayer_row_flops=sublayer_row_flops,
     param_groups=(ParamGroup("nag", GateParam, lr_scale=lambda optim: optim.nag_lr_ratio),),
     logical_axes={"sublayer": None, "modulator": None},  # two slots, C channels: small, replicated
-    microscope={"nag_alpha": "alpha", "nag_gate": "gate_mean", "nag_gain": "update_ratio"},
+    microscope={"nag_gain": MicroscopeStat("update_ratio", "NAG realised gain g = alpha * m"),
+                "nag_gate": MicroscopeStat("gate_mean", "NAG modulator m (mean)"),
+                "nag_alpha": MicroscopeStat("alpha", "NAG alpha")},
     skip_signal=True,
     options=NagConfig,
 )
