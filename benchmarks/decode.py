@@ -16,17 +16,22 @@ Target (issue): on CPU, >= 12 blocks at d >= 256, r = 0.25 decodes at >= 1.2x th
     python benchmarks/decode.py --d-model 256    # 12 x d256: fixed per-op costs weigh more
     python benchmarks/decode.py --workdir DIR    # a trained NAG run (else trains into DIR and keeps it)
     python benchmarks/decode.py --gpu            # GPU-sized model (bfloat16), trained briefly
-    add --save to write benchmarks/results/decode_<cpu|gpu>.txt
+    add --save to write benchmarks/results/decode_<device>.txt (decode_cpu.txt on CPU)
+
+Timing: each figure is the decode loop's own clock (`Generation.seconds_per_token`: prefill and
+compile excluded), one sample per variant per repeat, variants interleaved in a random order;
+medians over repeats. Saving goes through benchmarks/common.py like every benchmark here.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import sys
 import tempfile
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax
 import numpy as np
@@ -36,6 +41,8 @@ from nagjax.config import Config, DataConfig, ModConfig, ModelConfig, OptimConfi
 from nagjax.infer.sample import generate_ids
 from nagjax.model import mod as modlib
 from nagjax.train.trainer import train
+
+from benchmarks import common  # noqa: E402 - the shared saving helper
 
 RATES = (0.0, 0.125, 0.25, 0.5)
 
@@ -67,18 +74,16 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--batch", type=int, default=8, help="rows of the batched row (0: skip it)")
-    ap.add_argument("--save", action="store_true", help="write benchmarks/results/decode_<cpu|gpu>.txt")
+    ap.add_argument("--save", action="store_true", help="write benchmarks/results/decode_<device>.txt")
     ap.add_argument("--append", action="store_true", help="with --save: add to the file instead")
     args = ap.parse_args()
-    device = jax.devices()[0]
-    lines = [f"$ python benchmarks/decode.py {' '.join(sys.argv[1:])}".rstrip(),
-             f"# MoD decode speed — {datetime.date.today()}, {device.platform} ({device.device_kind}), "
-             f"jax {jax.__version__}, {os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.1f} at start"]
+    lines = [f"# MoD decode speed; load average {os.getloadavg()[0]:.1f} at start"]
 
     def say(line: str = "") -> None:
         print(line, flush=True)
         lines.append(line)
 
+    print(f"$ {common.command_line('decode.py')}\n# {common.describe_device()}")
     for line in lines:
         print(line)
     steps = args.train_steps or (300 if args.gpu else 100)
@@ -161,10 +166,7 @@ def main() -> None:
                 f"{out.skip_rate:.3f}, calls saved {out.calls_saved:.3f}, computed FLOPs "
                 f"{out.computed_flops_per_token / out.dense_flops_per_token:.3f} of dense")
     if args.save:
-        path = Path(__file__).parent / "results" / f"decode_{'gpu' if args.gpu else 'cpu'}.txt"
-        previous = path.read_text() + "\n" if args.append and path.exists() else ""
-        path.write_text(previous + "\n".join(lines) + "\n")
-        print(f"saved {path}")
+        common.save("decode", lines, command=common.command_line("decode.py"), append=args.append)
 
 
 if __name__ == "__main__":

@@ -27,11 +27,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import os
-import re
-import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,6 +39,8 @@ import numpy as np
 
 from pallas_kernels.nag_update import nag_update, reference
 from pallas_kernels.nag_update.ops import resolve_impl
+
+from benchmarks import common  # the shared timing and saving helpers
 
 F32, BF16 = jnp.float32, jnp.bfloat16
 C = 32  # modulator channels (docs/methods.md §1.3)
@@ -90,20 +88,7 @@ def fwdbwd_fn(impl, tiling=None):
     return run
 
 
-def median_time(fn, *args, reps, inner, warmup=2):
-    """Median seconds per call; compile + warm-up excluded."""
-    jax.block_until_ready(fn(*args))  # compile
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    samples = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        out = None
-        for _ in range(inner):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        samples.append((time.perf_counter() - t0) / inner)
-    return statistics.median(samples)
+median_time = common.median_time  # median seconds per call; compile + warm-up excluded
 
 
 def copy_ceiling(nbytes, reps, inner):
@@ -393,11 +378,7 @@ def main(argv=None):
     text = "\n".join(out) + "\n"
     print("\n" + "=" * 80 + "\n" + text)
     if args.save:
-        slug = re.sub(r"[^a-z0-9]+", "_", dev.device_kind.lower()).strip("_") or plat
-        path = ROOT / "benchmarks" / "results" / f"nag_update_{slug}.txt"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-        print(f"saved {os.path.relpath(path, os.getcwd())}")
+        common.save("nag_update", out, command=common.command_line("nag_update.py", argv))
     return 0
 
 

@@ -30,8 +30,10 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import common  # noqa: E402 - the shared timing and saving helpers
 
 # name -> (overrides of the base config, global batch, seq_len); `350m` is scale_350m_*_1gpu.
 SIZES = {
@@ -99,15 +101,11 @@ class Runner:
         self.run(2, record=False)  # warm up
 
     def run(self, n: int, record: bool = True) -> None:
-        import jax
-
         for _ in range(n):
-            t0 = time.perf_counter()
-            self.state, metrics = self.compiled(self.state, self.batch, self.step)
-            jax.block_until_ready(metrics)
+            seconds, (self.state, _) = common.timed(self.compiled, self.state, self.batch, self.step)
             self.step += 1
             if record:
-                self.times.append(time.perf_counter() - t0)
+                self.times.append(seconds)
 
 
 def hlo_census(compiled) -> str:
@@ -226,11 +224,7 @@ def main(argv=None) -> int:
         lines += ["", *profiles]
         print("\n".join(["", *profiles]))
     if args.save:
-        kind = "cpu" if on_cpu else device.device_kind.split()[1].lower() if " " in device.device_kind else "device"
-        out = Path(__file__).parent / "results" / f"step_{args.size}_{kind}{'_' + args.tag if args.tag else ''}.txt"
-        out.write_text("$ python benchmarks/step.py " + " ".join(argv if argv is not None else sys.argv[1:]) + "\n"
-                       + "\n".join(lines) + "\n")
-        print(f"wrote {out}")
+        common.save(f"step_{args.size}", lines, command=common.command_line("step.py", argv), tag=args.tag)
     return 0
 
 
