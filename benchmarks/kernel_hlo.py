@@ -88,12 +88,12 @@ def compiled_train_step_hlo(d, depth, heads, batch, seq, vocab, mod_rate=0.0, re
     import jax
     import numpy as np
 
-    from nagjax.config import (Config, DataConfig, ModConfig, ModelConfig, NagConfig,
-                               OptimConfig, TrainConfig)
+    from nagjax.config import Config, DataConfig, ModConfig, ModelConfig, OptimConfig, TrainConfig
+    from nagjax.model.residual.nag import NagConfig
     from nagjax.train.state import training_state
 
     model = ModelConfig(residual=residual, d_model=d, depth=depth, n_heads=heads, vocab_size=vocab,
-                        compute_dtype="bfloat16", remat=remat, nag=NagConfig(kernel=kernel))
+                        compute_dtype="bfloat16", remat=remat, options=(NagConfig(kernel=kernel),))
     mod = ModConfig(rate=mod_rate, exempt_first_blocks=0) if mod_rate else ModConfig()
     config = Config(model=model, mod=mod, data=DataConfig(seq_len=seq, batch_size=batch),
                     optim=OptimConfig(), train=TrainConfig(steps=1000)).validate()

@@ -211,7 +211,8 @@ def e2e_train_step_comparison(quick: bool, reps: int):
     Pallas update on GPU/TPU), same model shape and batch, each built by the trainer's own
     `training_state`; returns table lines. Targets (issue 10): kernel <= 1.05x Pre-LN at d=1024,
     <= 1.15x at d=256 x 32 blocks."""
-    from nagjax.config import Config, DataConfig, ModelConfig, NagConfig, OptimConfig, TrainConfig
+    from nagjax.config import Config, DataConfig, ModelConfig, OptimConfig, TrainConfig
+    from nagjax.model.residual.nag import NagConfig
     from nagjax.train.state import training_state
 
     dtype = "bfloat16"
@@ -220,9 +221,9 @@ def e2e_train_step_comparison(quick: bool, reps: int):
         variants = [
             ("pre-ln", ModelConfig(residual="prenorm", compute_dtype=dtype, **shape)),
             ("nag-reference", ModelConfig(residual="nag", compute_dtype=dtype,
-                                          nag=NagConfig(kernel="reference"), **shape)),
+                                          options=(NagConfig(kernel="reference"),), **shape)),
             (f"nag-auto ({resolve_impl('auto', shape['d_model'])})",
-             ModelConfig(residual="nag", compute_dtype=dtype, nag=NagConfig(kernel="auto"), **shape)),
+             ModelConfig(residual="nag", compute_dtype=dtype, options=(NagConfig(kernel="auto"),), **shape)),
         ]
         lines.append(f"e2e train step: batch {batch} x seq {seq}, {shape}, {dtype}")
         tokens = jax.random.randint(jax.random.PRNGKey(0), (batch, seq + 1), 0, shape["vocab_size"])
