@@ -246,7 +246,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class ModConfig:
-    """Mixture-of-Depths (docs/methods.md §2, nagjax/model/mod.py): per-token skipping of sublayers
+    """Mixture-of-Depths (docs/methods.md §2, nagjax/model/mod/): per-token skipping of sublayers
     by a scheme's skip signal (NAG's modulator m).
 
     Training keeps, per sequence and per sublayer, the top k = ceil((1 - rate) * T) tokens by m and

@@ -65,8 +65,9 @@ def forward_breakdown(cfg: ModelConfig, seq_len: int, *, causal_fraction: float 
     """Forward FLOPs per token (averaged over the sequence) at context length `seq_len`.
 
     Counts executed work only. `mod` gives the training-time Mixture-of-Depths fractions (k/T per
-    skipping sublayer, plus top-k, gather and scatter), as `MoDPolicy.of(cfg, mod)` answers them; `executed` ([depth, 2] fractions, e.g.
-    measured at inference thresholds) overrides them and adds no gather/scatter. The skip signal
+    skipping sublayer, plus top-k, gather and scatter), as `MoDPolicy.of(cfg, mod)` answers them;
+    `executed` ([depth, 2] fractions, e.g. measured at inference thresholds) overrides them and
+    adds no gather/scatter. The skip signal
     (a scheme's row work) always runs on every token. Under the K/V rule `mod.kv == "kept"`
     skipped tokens give no K/V (K/V projections and scores shrink with the kept share); with "all"
     every token's K/V is computed.

@@ -17,7 +17,7 @@ from nagjax.infer.decode import block_params_fn, decode_step_fn, prefill_fn
 from nagjax.infer.kv_cache import init_cache
 from nagjax.infer.sample import generate_ids
 from nagjax.model import StepContext, build_model
-from nagjax.model import mod as modlib
+from nagjax.model.mod import MoDPolicy
 
 CFG = make_tiny_model(residual="nag")
 
@@ -32,10 +32,11 @@ def _setup(kv: str):
     else:  # the same parameters under another K/V rule
         model = _setup("kept")[1]
         model = nnx.merge(*nnx.split(model))
-        model.mod = mod
+        model.mod_policy = MoDPolicy.of(CFG, mod)
     graphdef, params = nnx.split(model)
+    policy = model.mod_policy
     forward = jax.jit(lambda p, t, tau: nnx.merge(graphdef, p)(t, ctx=StepContext(
-        routing=modlib.threshold_routing(mod, tau))))
+        routing=policy.threshold_routing(tau))))
     return mod, model, graphdef, params, block_params_fn(graphdef)(params), forward
 
 

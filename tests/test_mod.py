@@ -10,11 +10,17 @@ from flax import nnx
 
 from conftest import make_tiny_model
 from nagjax import flops
-from nagjax.config import ModConfig
+from nagjax.config import Config, ConfigError, ModConfig, apply_overrides
+from nagjax.infer.calibration import calibrate_thresholds
+from nagjax.infer.decode import block_params_fn, decode_step_fn
+from nagjax.infer.kv_cache import init_cache
 from nagjax.model import StepContext, build_model
-from nagjax.model.mod import calibrate_thresholds, kept_tokens, select_topk, threshold_routing, training_routing
+from nagjax.model.layers import Attention
+from nagjax.model.mod import DENSE, MoDPolicy, kept_tokens, realised_rate, select_topk
 from nagjax.model.residual.base import ATTENTION, MLP
 from nagjax.model.residual.nag import NagResidual, NagStream, modulator_flops
+from nagjax.train.state import training_state
+from pallas_kernels.nag_update.reference import modulator
 
 CFG = make_tiny_model(residual="nag")
 
@@ -22,6 +28,14 @@ CFG = make_tiny_model(residual="nag")
 def _forward(model, ctx=None):
     graphdef, params = nnx.split(model)
     return jax.jit(lambda p, t: nnx.merge(graphdef, p)(t, ctx=ctx))
+
+
+def threshold_routing(mod, tau, quantile_rates=()):
+    return MoDPolicy.of(CFG, mod).threshold_routing(tau, quantile_rates)
+
+
+def training_routing(mod, seq_len=None):
+    return MoDPolicy.of(CFG, mod).train_routing(seq_len)
 
 
 def _tokens(b=2, t=16, seed=0):
@@ -55,7 +69,8 @@ def test_k_rounded_up_to_the_sequence_runs_densely():
     graphdef, params = nnx.split(model)
     jaxpr = str(jax.make_jaxpr(lambda p: nnx.merge(graphdef, p)(tokens))(params))
     assert " sort[" not in jaxpr and "sort" in str(jax.make_jaxpr(
-        lambda p: nnx.merge(graphdef, p)(tokens, ctx=StepContext(routing=training_routing(ModConfig(rate=0.5)))))(params))
+        lambda p: nnx.merge(graphdef, p)(tokens, ctx=StepContext(
+            routing=training_routing(ModConfig(rate=0.5)))))(params))
 
 
 def test_thresholds_follow_stack_positions_in_a_pruned_model():
@@ -65,19 +80,18 @@ def test_thresholds_follow_stack_positions_in_a_pruned_model():
     mod = ModConfig(rate=0.25, exempt_first_blocks=0)
     model = build_model(cfg, seed=1, mod=mod)
     tau = jnp.asarray([[-jnp.inf, -jnp.inf], [jnp.inf, jnp.inf], [-jnp.inf, -jnp.inf]])  # skip block 2 only
-    _, stats = model(_tokens(), ctx=StepContext(routing=threshold_routing(mod, tau)))
+    _, stats = model(_tokens(), ctx=StepContext(routing=model.mod_policy.threshold_routing(tau)))
     np.testing.assert_array_equal(np.asarray(stats["skip_rate"]), [[0, 0], [1, 1], [0, 0]])
 
 
 def test_thresholds_calibrate_at_the_rate_top_k_realises():
     """With k rounded up to whole tiles, top-k skips less than mod.rate: the training EMA tracks
     the realised rate, so the causal thresholds skip what training skipped."""
-    from nagjax.model.mod import realised_rate
-
     assert realised_rate(256, ModConfig(rate=0.1, kept_multiple=64)) == 0.0  # k = 256: nothing skips
     assert realised_rate(1024, ModConfig(rate=0.3, kept_multiple=128)) == 0.25
-    routing = training_routing(ModConfig(rate=0.3, kept_multiple=128), calibrate=True, seq_len=1024)
+    routing = training_routing(ModConfig(rate=0.3, kept_multiple=128), seq_len=1024)
     assert routing.quantile_rates == (0.25,)
+    assert training_routing(ModConfig(rate=0.3, kept_multiple=128)).quantile_rates == ()  # the model's default
 
 
 def test_selection_is_lax_top_k_with_gather_only_gradients():
@@ -108,9 +122,6 @@ def test_selection_is_lax_top_k_with_gather_only_gradients():
 def test_mod_train_step_compiles_without_scatters():
     """Top-k routing moves rows with gathers both ways: the MoD train step has no more XLA
     scatters than the dense one (those left are the embedding's and the loss's gradients)."""
-    from nagjax.config import Config, apply_overrides
-    from nagjax.train.state import training_state
-
     def scatters(*overrides):
         cfg = apply_overrides(Config(), ["model.residual=nag", "model.d_model=32", "model.depth=2",
                                          "model.n_heads=2", "model.vocab_size=97", "data.seq_len=16",
@@ -138,7 +149,6 @@ def _kept_mask(stats):
 
 def _topk_rows(block, state, slot, rate):
     m = block.gate_params(slot)
-    from pallas_kernels.nag_update.reference import modulator
     alpha, beta, w, b, lg = m
     gate = modulator(state["direction"], w, b, lg, beta)
     k = kept_tokens(gate.shape[1], rate)
@@ -165,8 +175,6 @@ def test_gathered_mlp_equals_dense_on_kept_tokens(block_and_state):
 
 @pytest.mark.parametrize("kv", ["all", "kept"])
 def test_gathered_attention_matches_reference_semantics(block_and_state, kv):
-    from nagjax.model.layers import Attention
-
     block, state, positions = block_and_state
     attn = Attention(CFG, rngs=nnx.Rngs(5))
     mod = ModConfig(rate=0.5, kv=kv)
@@ -225,7 +233,7 @@ def test_calibration_under_skipping_realises_the_rate():
     model = build_model(CFG, seed=4, mod=mod)
     graphdef, params = nnx.split(model)
     batch = {"inputs": _tokens(b=2, t=16, seed=9)}
-    tau = calibrate_thresholds(graphdef, params, [batch], mod, (0.3,), under_skipping=True)[..., 0]
+    tau = calibrate_thresholds(graphdef, params, [batch], (0.3,), under_skipping=True)[..., 0]
     _, stats = _forward(model, StepContext(routing=threshold_routing(mod, jnp.asarray(tau))))(params, batch["inputs"])
     np.testing.assert_allclose(np.asarray(stats["skip_rate"])[1:], 0.3, atol=1 / 32)
     assert float(np.asarray(stats["skip_rate"])[0].max()) == 0.0  # the exempt block
@@ -258,19 +266,16 @@ def test_flops_count_only_executed_work():
 def test_kv_cache_decoding_matches_the_full_forward(residual, threshold, taper, kv):
     """Token by token from an empty cache, for every K/V rule: the same logits as the full
     forward, and the same tokens skip every sublayer."""
-    from nagjax.infer.decode import block_params_fn, decode_step_fn
-    from nagjax.infer.kv_cache import init_cache
-
     cfg = dataclasses.replace(CFG, residual=residual, taper=taper, taper_multiple=8)
     mod = ModConfig(rate=0.0, kv=kv, exempt_first_blocks=1)
     model = build_model(cfg, seed=6, mod=mod)
     graphdef, params = nnx.split(model)
     tokens = _tokens(b=1, t=10, seed=7)
     if threshold:  # a tau that skips some tokens in every eligible sublayer
-        routing = threshold_routing(mod, jnp.full((cfg.depth, 2), -jnp.inf), quantile_rates=(0.4,))
+        routing = model.mod_policy.threshold_routing(jnp.full((cfg.depth, 2), -jnp.inf), quantile_rates=(0.4,))
         _, stats = model(tokens, ctx=StepContext(routing=routing))
         tau = stats["gate_quantiles"][..., 0]
-        ctx = StepContext(routing=threshold_routing(mod, tau))
+        ctx = StepContext(routing=model.mod_policy.threshold_routing(tau))
     else:
         tau, ctx = jnp.zeros((cfg.depth, 2)), None
     full, full_stats = model(tokens, ctx=ctx)
@@ -286,3 +291,35 @@ def test_kv_cache_decoding_matches_the_full_forward(residual, threshold, taper, 
         skipped_full = np.asarray(full_stats["skip_by_position"])  # [depth, 2, t]
         np.testing.assert_array_equal(1 - np.stack(executed, axis=-1), skipped_full)
         assert 0 < skipped_full[1:].mean() < 1
+
+
+def test_the_policy_decides_every_use():
+    """One MoDPolicy answers, per use, how tokens are routed: training top-k (with the EMA's
+    quantile when it skips), causal evaluation on the trained thresholds only for a run that trains
+    with MoD, sampling's thresholds and real skipping, and the sweep's points."""
+    aux = {"mod_tau": jnp.full((CFG.depth, 2), 0.5)}
+    trains = MoDPolicy.of(CFG, ModConfig(rate=0.25))
+    assert trains.skipping and trains.train_routing(16).mode == "topk" and trains.train_routing(16).quantile_rates
+    assert trains.eval_routing(aux).mode == "threshold" and trains.eval_routing(aux).tau is aux["mod_tau"]
+    tau, source = trains.sample_thresholds(aux)
+    assert source.startswith("trained") and np.all(tau == 0.5)
+    assert trains.sample_routing(tau).skip_compute and not trains.sample_routing(tau, skip_compute=False).skip_compute
+    assert trains.sample_thresholds(aux, dense=True) == (None, "none (dense)")
+    assert np.all(trains.sample_thresholds(aux, rate=0.0)[0] == -np.inf)
+    assert trains.sample_thresholds(aux, rate=0.3, calibrate=lambda r: r)[0] == 0.3
+    labels = [label for label, *_ in trains.sweep_targets((0.0, 0.5), np.zeros((CFG.depth, 2, 2)), aux)]
+    assert labels == ["r=0", "r=0.5", "trained"]
+    dense_trained = MoDPolicy.of(CFG, ModConfig(rate=0.0))  # thresholds may be calibrated, none trained
+    assert not dense_trained.skipping and dense_trained.eval_routing(aux) is DENSE
+    assert dense_trained.sample_thresholds(aux) == (None, "none (dense)")
+    assert dense_trained.sample_routing(jnp.zeros((CFG.depth, 2))).mode == "threshold"
+    prenorm = MoDPolicy.of(dataclasses.replace(CFG, residual="prenorm"), ModConfig(rate=0.0))
+    assert prenorm.mod is None and prenorm.train_routing(16) is DENSE
+    assert prenorm.sample_thresholds(aux, rate=0.3) == (None, "none (dense)")
+    with pytest.raises(ConfigError, match="skip signal"):
+        MoDPolicy.of(dataclasses.replace(CFG, residual="prenorm"), ModConfig(rate=0.5))
+    assert eligible_count(trains) == 2 * (CFG.depth - 1)  # every sublayer but the exempt first block's
+
+
+def eligible_count(policy):
+    return int(policy.eligible_sublayers(policy.train_routing()).sum())

@@ -15,6 +15,7 @@ from flax import nnx
 
 from nagjax.analysis import hlo
 from nagjax.config import Config, apply_overrides
+from nagjax.infer.calibration import calibrate_thresholds
 from nagjax.model import build_model
 from nagjax.train.loss import AUTO_LOGITS_BYTES, chunk_length, cross_entropy, token_losses
 from nagjax.train import optim
@@ -148,8 +149,6 @@ EVAL_CASES = {
 def test_evaluation_is_causal(case):
     """Changing the last input token never moves an earlier token's validation loss, for every
     scheme and Mixture-of-Depths setting (MoD evaluates with thresholds, not top-k)."""
-    from nagjax.model import mod as modlib
-
     cfg = apply_overrides(Config(), [
         "model.d_model=32", "model.depth=3", "model.n_heads=2", "model.d_ff=64", "model.vocab_size=97",
         "model.compute_dtype=float32", "data.seq_len=16", "data.batch_size=2", *EVAL_CASES[case]])
@@ -159,7 +158,7 @@ def test_evaluation_is_causal(case):
     batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
     aux = state["aux"]
     if cfg.mod.rate > 0:  # thresholds that skip about the training rate (a trained run's EMA)
-        tau = modlib.calibrate_thresholds(spec.graphdef, state["params"], [batch], cfg.mod, (cfg.mod.rate,))
+        tau = calibrate_thresholds(spec.graphdef, state["params"], [batch], (cfg.mod.rate,))
         aux = {**aux, "mod_tau": jnp.asarray(tau[..., 0])}
     changed = {**batch, "inputs": batch["inputs"].at[:, -1].set((batch["inputs"][:, -1] + 1) % 97)}
     before = spec.steps.eval_losses(state["params"], aux, batch)

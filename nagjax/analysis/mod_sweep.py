@@ -2,10 +2,11 @@
 
 A trained model with a skip signal (NAG) is evaluated with causal thresholds ("execute sublayer l
 iff m_l >= tau_l") at a range of target skip rates, with no retraining. Thresholds come from a dense
-calibration pass (`mod.calibrate_thresholds`: tau_l = the rate-quantile of m_l over the calibration
-tokens); the realised skip rate of each sublayer is measured, and executed forward FLOPs per token
-are counted from it. A model trained with MoD also gets its own trained thresholds (EMA from
-training) as the `trained` point.
+calibration pass (`nagjax.infer.calibration.calibrate_thresholds`: tau_l = the rate-quantile of
+m_l over the calibration tokens); the realised skip rate of each sublayer is measured, and executed
+forward FLOPs per token are counted from it. A model trained with MoD also gets its own trained
+thresholds (EMA from training) as the `trained` point. Which points and routings: the model's
+`MoDPolicy` (`sweep_targets`, `sweep_routing`).
 """
 
 from __future__ import annotations
@@ -20,8 +21,7 @@ import numpy as np
 from flax import nnx
 
 from nagjax import flops
-from nagjax.config import ModConfig
-from nagjax.model import mod as modlib
+from nagjax.infer.calibration import calibrate_thresholds
 from nagjax.model.residual.base import StepContext
 from nagjax.train.loss import cross_entropy
 
@@ -29,12 +29,12 @@ DEFAULT_RATES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
 
 
 @functools.lru_cache(maxsize=8)
-def threshold_eval_fn(graphdef, mod: ModConfig):
+def threshold_eval_fn(graphdef):
     """jit: (params, batch, tau [depth, 2]) -> loss sum, token count, per-sublayer statistics."""
 
     def run(params, batch, tau):
         model = nnx.merge(graphdef, params)
-        logits, stats = model(batch["inputs"], ctx=StepContext(routing=modlib.threshold_routing(mod, tau)))
+        logits, stats = model(batch["inputs"], ctx=StepContext(routing=model.mod_policy.sweep_routing(tau)))
         losses = cross_entropy(logits, batch["targets"])
         keep = ("skip_rate", "skip_by_position", "gate_mean")
         return jnp.sum(losses), losses.size, {k: stats[k] for k in keep}
@@ -56,20 +56,16 @@ def _evaluate(fn, params, batches, tau) -> dict:
 def mod_sweep(run, batches, *, rates=DEFAULT_RATES) -> dict:
     """Evaluate `run` (analysis.diagnostics.Run of a model with a skip signal) at each target rate."""
     cfg = run.config
-    modlib.require_skip_signal(cfg.model, f"--mod-sweep ({run.workdir})")
-    mod = cfg.mod  # which sublayers may skip, exempt blocks and the K/V rule; its rate is swept
+    policy = run.model().mod_policy
+    policy.require_signal(f"--mod-sweep ({run.workdir})")
+    mod = policy.mod  # which sublayers may skip, exempt blocks and the K/V rule; its rate is swept
     seq_len = cfg.data.seq_len
     rates = tuple(float(r) for r in rates)
-    quantiles = modlib.calibrate_thresholds(run.graphdef, run.params, batches, mod, rates)  # [depth, 2, R]
-    evaluate = threshold_eval_fn(run.graphdef, mod)
+    quantiles = calibrate_thresholds(run.graphdef, run.params, batches, rates)  # [depth, 2, R]
+    evaluate = threshold_eval_fn(run.graphdef)
     dense_fwd = flops.forward_breakdown(cfg.model, seq_len).forward
     points = []
-    targets = [(f"r={r:g}", r, quantiles[..., i]) for i, r in enumerate(rates)]
-    if modlib.skipping(cfg.model, mod):
-        targets.append(("trained", mod.rate, np.asarray(modlib.trained_thresholds(run.state["aux"]))))
-    for label, rate, tau in targets:
-        if rate == 0.0:
-            tau = np.full_like(tau, -np.inf)  # exactly dense
+    for label, rate, tau in policy.sweep_targets(rates, quantiles, run.state["aux"]):
         out = _evaluate(evaluate, run.params, batches, tau)
         executed = 1.0 - out["skip_rate"]
         fwd = flops.forward_breakdown(cfg.model, seq_len, mod=mod, executed=executed).forward

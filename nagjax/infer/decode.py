@@ -5,7 +5,7 @@
 block's cache. The blocks run one after another from parameters sliced once per call
 (`block_params_fn`) rather than scanned: a scan copies every block's weights out of the stack on
 every step, which at batch 1 costs as much as the step itself and is not skipped with the
-sublayer. The routing (`nagjax.model.mod.inference_routing`) is one of:
+sublayer. The routing (the model's `MoDPolicy.sample_routing`) is one of:
 
   * dense (no thresholds): every sublayer runs for every token;
   * thresholds, computed and discarded (`skip_compute=False`): every sublayer runs, the skipped
@@ -29,7 +29,7 @@ import numpy as np
 from flax import nnx
 
 from nagjax.infer.kv_cache import CachedAttention
-from nagjax.model import mod as modlib
+from nagjax.model.mod import gather_tokens
 from nagjax.model.residual.base import StepContext
 
 
@@ -47,7 +47,7 @@ def forward_cached(model, blocks: list, cache: list, tokens_bt, positions_bt, li
     """(final stream state, cache, counts {executed, ran: [depth, 2]}) of new tokens at
     `positions_bt`; only `live_bt` tokens give K/V and are counted. `tau` None: dense. The blocks
     run one after another from `blocks` (`Transformer.block_params`), each with its own cache."""
-    routing = modlib.inference_routing(model.mod, tau, skip_compute=skip_compute, active=live_bt)
+    routing = model.mod_policy.sample_routing(tau, skip_compute=skip_compute, active=live_bt)
 
     def call(block, carry, positions, block_index, ctx, layer):
         state, cache = carry
@@ -78,7 +78,7 @@ def prefill_fn(graphdef: nnx.GraphDef, *, thresholds: bool, skip_compute: bool, 
                                               read_cache=False)
         if not all_logits:
             # the head only where the next token is sampled: each row's last prompt token
-            state = jax.tree.map(lambda x: modlib.gather_tokens(x, (lengths_b - 1)[:, None]), state)
+            state = jax.tree.map(lambda x: gather_tokens(x, (lengths_b - 1)[:, None]), state)
         logits = model.logits(state)
         return (logits if all_logits else logits[:, 0]), cache, counts
 

@@ -27,7 +27,6 @@ from flax import nnx
 from nagjax import flops
 from nagjax.infer.decode import block_params_fn, generation_fn, prefill_fn
 from nagjax.infer.kv_cache import init_cache
-from nagjax.model import mod as modlib
 from nagjax.model.layers import compute_dtype
 
 
@@ -110,10 +109,10 @@ def generate_ids(graphdef: nnx.GraphDef, params, prompts: Sequence[Sequence[int]
     if max_new_tokens < 1:
         raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
     model = nnx.merge(graphdef, params)
-    cfg = model.cfg
+    cfg, policy = model.cfg, model.mod_policy
     use_thresholds = thresholds is not None
     if use_thresholds:
-        modlib.require_skip_signal(cfg, "generation with thresholds")
+        policy.require_signal("generation with thresholds")
         tau = jnp.asarray(thresholds, jnp.float32)
         if tau.shape != (cfg.depth, 2):
             raise ValueError(f"generate: thresholds must be [depth, 2] = {(cfg.depth, 2)}, got {tau.shape}")
@@ -160,15 +159,15 @@ def generate_ids(graphdef: nnx.GraphDef, params, prompts: Sequence[Sequence[int]
     context = float(np.mean([n + k for n, row in zip(lengths, generated) for k in range(1, len(row))] or [width]))
 
     def fwd(frac):
-        return flops.forward_breakdown(cfg, max(1, round(context)), causal_fraction=1.0, mod=model.mod,
+        return flops.forward_breakdown(cfg, max(1, round(context)), causal_fraction=1.0, mod=policy.mod,
                                        executed=frac).forward
 
-    routing = modlib.inference_routing(model.mod, tau if use_thresholds else None)
+    routing = policy.sample_routing(tau if use_thresholds else None)
     return Generation(
         tokens=generated, prompt_lengths=lengths, prefill_seconds=prefill_seconds,
         decode_seconds=decode_seconds, compile_seconds=c0 + c1 + c2, decode_steps=steps, decode_tokens=decode_tokens,
         skip_rate_by_sublayer=1.0 - executed, prefill_skip_rate_by_sublayer=1.0 - prefill_executed,
-        ran_by_sublayer=ran, eligible=modlib.eligible_sublayers(cfg.depth, routing),
+        ran_by_sublayer=ran, eligible=policy.eligible_sublayers(routing),
         flops_per_token=fwd(executed), computed_flops_per_token=fwd(ran),
         dense_flops_per_token=fwd(np.ones((cfg.depth, 2))),
     )

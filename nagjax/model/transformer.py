@@ -4,7 +4,9 @@ Block parameters are created stacked along a leading `layers` axis (`nnx.vmap`) 
 pass runs `lax.scan` over them, so a 48-layer model traces and compiles one block, not 48
 (`model.scan_unroll >= depth` runs them one after another instead: no stacked activations). A
 CascadeFormer taper (taper.py) makes one stack per stage of equal widths; Mixture-of-Depths cuts the
-scan where its exempt first blocks end (mod.py). `Block.__call__` is the one block forward: the
+scan where its exempt first blocks end. The model holds its `MoDPolicy` (mod/policy.py), built once
+from its ModConfig: the routing of a call without one, the segments, and what the train step,
+sampling, calibration and analysis ask of it. `Block.__call__` is the one block forward: the
 train step, the evaluation, KV-cache decoding (a cached attention sublayer) and the depth
 microscope (an observer of every sublayer) all run it through `Transformer.run_blocks`.
 """
@@ -20,9 +22,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nagjax.config import ModConfig, ModelConfig
-from nagjax.model import mod as modlib
 from nagjax.model import taper
 from nagjax.model.layers import ATTENTION, MLP, Attention, SwiGLU, compute_dtype, normal, param
+from nagjax.model.mod import MoDPolicy, Routing
 from nagjax.model.residual import get_scheme
 from nagjax.model.residual.base import State, StepContext, Sublayer
 from nagjax.sharding import constrain, constrain_stream
@@ -104,12 +106,16 @@ def block_stacks_of(cfg: ModelConfig, tree) -> list[tuple[object, int]]:
 class Transformer(nnx.Module):
     """Causal LM. `__call__(tokens_bt) -> (logits_btv float32, per-sublayer stats)`."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, mod: ModConfig | None = None):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, mod: ModConfig | None = None,
+                 policy: MoDPolicy | None = None):
+        """`policy`: the model's Mixture-of-Depths policy (`MoDPolicy.of(cfg, mod)` when not given)."""
         if cfg.vocab_size <= 0:
             raise ValueError("model.vocab_size must be resolved (from the tokeniser) before building")
+        if policy is not None and mod is not None:
+            raise ValueError("Transformer: give the ModConfig or the MoDPolicy built from it, not both")
         self.cfg = cfg
         scheme = get_scheme(cfg.residual)
-        self.mod = mod if scheme.skip_signal else None  # Mixture-of-Depths: the training routing
+        self.mod_policy = MoDPolicy.of(cfg, mod) if policy is None else policy
         self.embed = param(rngs, normal(cfg.init_std), (cfg.vocab_size, cfg.d_model), ("vocab", "embed"))
         if not cfg.tie_embeddings:
             self.head = param(rngs, normal(cfg.init_std), (cfg.vocab_size, cfg.d_model), ("vocab", "embed"))
@@ -144,12 +150,13 @@ class Transformer(nnx.Module):
         state, stats = self.forward(tokens_bt, positions_bt, ctx=ctx)
         return self.logits(state), stats
 
-    def routing(self, ctx: StepContext) -> modlib.Routing:
-        """The call's Mixture-of-Depths routing: the context's, else top-k at the model's rate."""
+    def routing(self, ctx: StepContext) -> Routing:
+        """The call's Mixture-of-Depths routing: the context's, else the policy's training routing
+        (top-k at the model's rate; dense without MoD)."""
         if ctx.routing is None:
-            return modlib.training_routing(self.mod)
+            return self.mod_policy.train_routing()
         if ctx.routing.skips:
-            modlib.require_skip_signal(self.cfg, f"{ctx.routing.mode} routing")
+            self.mod_policy.require_signal(f"{ctx.routing.mode} routing")
         return ctx.routing
 
     def block_stacks(self) -> list[tuple[int, nnx.Module]]:
@@ -170,7 +177,7 @@ class Transformer(nnx.Module):
         """(graphdef, stacked params, original block indices, (lo, hi) positions in the stack, ctx)
         of each scan: the stacks cut by the Mixture-of-Depths segments (one scan without either)."""
         ids = jnp.asarray(self.cfg.block_index_list)
-        segments = modlib.segments(self.cfg.depth, self.routing(ctx))
+        segments = self.mod_policy.segments(self.routing(ctx))
         pieces = []
         for stack_start, graphdef, block_params, n in self.split_stacks():
             for start, stop, routing in segments:
@@ -250,7 +257,7 @@ class Transformer(nnx.Module):
             raise ValueError(f"run_blocks: {len(blocks)} block parameter trees for {len(graphdefs)} blocks")
         ids = self.cfg.block_index_list
         ys = []
-        for start, stop, routing in modlib.segments(self.cfg.depth, self.routing(ctx)):
+        for start, stop, routing in self.mod_policy.segments(self.routing(ctx)):
             seg_ctx = dataclasses.replace(ctx, routing=routing)
             for i in range(start, stop):
                 extra = None if per_block is None else jax.tree.map(lambda x, i=i: x[i], per_block)
@@ -273,8 +280,10 @@ def _unrolled_scan(f, carry, xs, length: int):
     return carry, jax.tree.map(lambda *a: jnp.stack(a), *ys)
 
 
-def build_model(cfg: ModelConfig, seed: int = 0, mod: ModConfig | None = None) -> Transformer:
-    return Transformer(cfg, rngs=nnx.Rngs(params=seed), mod=mod)
+def build_model(cfg: ModelConfig, seed: int = 0, mod: ModConfig | None = None, *,
+                policy: MoDPolicy | None = None) -> Transformer:
+    """The model, with its Mixture-of-Depths policy: `policy`, else the one of `mod` (None: dense)."""
+    return Transformer(cfg, rngs=nnx.Rngs(params=seed), mod=mod, policy=policy)
 
 
 def count_params(model: nnx.Module) -> int:

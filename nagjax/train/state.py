@@ -18,6 +18,7 @@ from flax import nnx
 
 from nagjax.config import Config
 from nagjax.model import build_model
+from nagjax.model.mod import MoDPolicy
 from nagjax.train import optim
 from nagjax.train.checkpoint import CheckpointError, CheckpointStore
 from nagjax.train.guard import init_guard
@@ -37,14 +38,15 @@ class TrainingState:
 
 def training_state(config: Config) -> TrainingState:
     cfg = config
+    mod_policy = MoDPolicy.of(cfg.model, cfg.mod)  # one policy for the model and its steps
 
     def model():
-        return build_model(cfg.model, seed=cfg.train.seed, mod=cfg.mod)
+        return build_model(cfg.model, seed=cfg.train.seed, policy=mod_policy)
 
     graphdef, abstract_params = nnx.split(nnx.eval_shape(model), nnx.Param)
     optimizer = optim.make_optimizer(cfg.optim, cfg.train.steps, abstract_params)
     lr_fn = optim.schedule(cfg.optim, cfg.train.steps)
-    steps = make_steps(graphdef, cfg.model, optimizer, lr_fn, mod=cfg.mod, train=cfg.train)
+    steps = make_steps(graphdef, cfg.model, optimizer, lr_fn, policy=mod_policy, train=cfg.train)
 
     def init() -> dict:
         params = nnx.split(model(), nnx.Param)[1]

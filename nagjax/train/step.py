@@ -16,8 +16,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from nagjax.config import ModConfig, ModelConfig, TrainConfig
-from nagjax.model import mod as modlib
+from nagjax.config import ModelConfig, TrainConfig
+from nagjax.model.mod import MoDPolicy
+from nagjax.model.mod.thresholds import init_thresholds, update_thresholds
 from nagjax.model.residual.base import StepContext
 from nagjax.model.transformer import block_stacks_of
 from nagjax.sharding import batch_shards, constrain
@@ -41,7 +42,7 @@ def init_aux(cfg: ModelConfig) -> dict:
         # CascadeFlow score (docs/methods.md §5): sum over steps of each block's gradient norm.
         "block_grad_norm_sum": jnp.zeros((cfg.depth,), jnp.float32),
         # Mixture-of-Depths inference thresholds (§2.3), updated while training skips.
-        **modlib.init_thresholds(cfg.depth),
+        **init_thresholds(cfg.depth),
         # Bad-step counters and the loss's running mean (guard.py).
         "guard": guard_lib.init_guard(),
     }
@@ -78,17 +79,17 @@ def train_loss(graphdef: nnx.GraphDef, params, batch: dict, step, routing,
 
 
 def make_steps(graphdef: nnx.GraphDef, cfg: ModelConfig, optimizer: optax.GradientTransformation, lr_fn,
-               mod: ModConfig | None = None, train: TrainConfig | None = None) -> Steps:
-    skipping = modlib.skipping(cfg, mod)
+               policy: MoDPolicy | None = None, train: TrainConfig | None = None) -> Steps:
+    """The jitted steps of the model `graphdef`; `policy` is the Mixture-of-Depths policy the model
+    was built with (`training_state` builds it once for both; None: dense). Every routing decision
+    (training top-k and its threshold EMA, causal evaluation) is the policy's."""
+    policy = MoDPolicy.of(cfg) if policy is None else policy
+    skipping = policy.skipping
     train = TrainConfig() if train is None else train
     accum = train.grad_accum
 
-    def routing(seq_len: int, calibrate: bool = False):
-        """None: the model's own (it was built with the same ModConfig by `training_state`)."""
-        return None if mod is None else modlib.training_routing(mod, calibrate=calibrate, seq_len=seq_len)
-
     def loss_fn(params, batch, step):
-        return train_loss(graphdef, params, batch, step, routing(batch["inputs"].shape[1], skipping),
+        return train_loss(graphdef, params, batch, step, policy.train_routing(batch["inputs"].shape[1]),
                           loss_chunk_tokens=train.loss_chunk_tokens)
 
     def loss_and_grads(params, batch, step):
@@ -123,8 +124,8 @@ def make_steps(graphdef: nnx.GraphDef, cfg: ModelConfig, optimizer: optax.Gradie
         new_accumulators = {**accumulators,
                             "block_grad_norm_sum": accumulators["block_grad_norm_sum"] + block_norms}
         if skipping:
-            new_accumulators = modlib.update_thresholds(
-                new_accumulators, stats.pop("gate_quantiles")[..., 0], mod.threshold_ema)
+            new_accumulators = update_thresholds(
+                new_accumulators, stats.pop("gate_quantiles")[..., 0], policy.mod.threshold_ema)
         new_accumulators = guard_lib.keep_if_bad(bad, accumulators, new_accumulators)
         guard = guard_lib.advance(guard, bad, loss)
         metrics = {
@@ -139,11 +140,11 @@ def make_steps(graphdef: nnx.GraphDef, cfg: ModelConfig, optimizer: optax.Gradie
         return new_state, metrics
 
     def eval_losses(params, aux, batch, *, with_stats=False):
-        """Per-token losses, causal: a model that trains with MoD runs its trained thresholds
-        (a token executes a sublayer iff m >= tau, looking at no later token; docs §2.3)."""
+        """Per-token losses, causal (`MoDPolicy.eval_routing`): a model that trains with MoD runs
+        its trained thresholds (a token executes a sublayer iff m >= tau, looking at no later
+        token; docs §2.3), any other densely."""
         model = nnx.merge(graphdef, params)
-        routing_ = modlib.threshold_routing(mod, modlib.trained_thresholds(aux)) if skipping else modlib.DENSE
-        ctx = StepContext(routing=routing_)
+        ctx = StepContext(routing=policy.eval_routing(aux))
         state, stats = model.forward(batch["inputs"], ctx=ctx)
         losses = token_loss(model, state, batch["targets"], train.loss_chunk_tokens)
         return (losses, stats) if with_stats else losses
@@ -153,7 +154,7 @@ def make_steps(graphdef: nnx.GraphDef, cfg: ModelConfig, optimizer: optax.Gradie
         out = {"loss_sum": jnp.sum(losses), "count": jnp.asarray(losses.size, jnp.float32)}
         if skipping:  # the training-time top-k over whole sequences: a diagnostic, not causal
             model = nnx.merge(graphdef, params)
-            state, _ = model.forward(batch["inputs"], ctx=StepContext(routing=routing(batch["inputs"].shape[1])))
+            state, _ = model.forward(batch["inputs"], ctx=StepContext(routing=policy.train_routing()))
             out["loss_topk_sum"] = jnp.sum(token_loss(model, state, batch["targets"], train.loss_chunk_tokens))
             out["skip_rate"] = stats["skip_rate"]
         return out
