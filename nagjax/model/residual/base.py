@@ -43,8 +43,8 @@ class StepContext:
     """Per-call values that are not parameters (traced values are fine)."""
 
     step: Any = None  # the training step inside a train step (e.g. for warm-ups); None elsewhere
-    # Mixture-of-Depths for this call (nagjax/model/mod.py); None: the model's own training
-    # routing (top-k at its configured rate, dense without one).
+    # Mixture-of-Depths for this call (a `Routing` from the model's `MoDPolicy`, nagjax/model/mod/);
+    # None: the policy's training routing (top-k at its configured rate, dense without one).
     routing: Routing | None = None
 
 
