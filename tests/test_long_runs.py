@@ -118,7 +118,7 @@ def _leaves_equal(a, b) -> bool:
 def test_bad_steps_change_nothing_but_the_counters(monkeypatch, tmp_path):
     poison(monkeypatch)
     trainer = Trainer(run_config(), tmp_path)
-    trainer.store.close()
+    trainer.close()
     local = next(trainer.data.it)
     state, history = trainer.state, []
 
@@ -173,7 +173,7 @@ def test_rollback_after_a_bad_streak_then_the_run_finishes(monkeypatch, tmp_path
         # 9 batches read before the rollback, 2 skipped, 3 more for steps 8-10
         assert trainer.data.read == 9 + 2 + 3 and trainer.data.get_state()["next_index"] == 14
     finally:
-        trainer.store.close()
+        trainer.close()
     out = capsys.readouterr().out
     assert "2 bad steps in a row" in out and "rolled back to step 7, skipping 2 more batches" in out
     last = read_metrics(tmp_path / "logs" / "metrics.jsonl")[10]
