@@ -190,8 +190,12 @@ class CheckpointStore:
 
     def _restore(self, step: int, **items) -> dict:
         self.manager.wait_until_finished()  # never read past a save in flight
+        # The items' handler, not `manager.restore`: that ends in a barrier of all processes, where
+        # the others would wait forever for a process whose read failed. `restore_agreed` gathers
+        # every process's outcome instead, so all of them go on together or stop together.
+        handler = ocp.CompositeCheckpointHandler()
         try:
-            return self.manager.restore(step, args=ocp.args.Composite(**items))
+            return handler.restore(self.directory / str(step), ocp.args.Composite(**items))
         except Exception as e:  # orbax raises many types: `error_kind` sorts them
             path = self.directory / str(step)
             kind = error_kind(e)
@@ -210,6 +214,8 @@ class CheckpointStore:
                     f"checkpoint {path} does not fit this run's state ({what}); nothing was moved. If "
                     "another nagjax version wrote it, resume with that version or start a fresh --workdir.")
             raise CheckpointError(message, kind) from e
+        finally:
+            handler.close()
 
     def close(self) -> None:
         """Finish (or, on a second signal, abandon: never listed) the save in flight and stop."""
