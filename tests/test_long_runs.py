@@ -140,6 +140,9 @@ def test_bad_steps_change_nothing_but_the_counters(monkeypatch, tmp_path):
     assert m["guard"]["bad_streak"] == 2 and m["guard"]["skipped_steps"] == 2
     m = run(3)  # fine, but the run is max_bad_steps deep: frozen until the host rolls back
     assert m["guard"]["bad"] and np.isfinite(m["loss"]) and m["guard"]["bad_streak"] == 3
+    # the logged rate is the optimiser's: one update applied (step 0), so lr(1) at steps 1-3, not lr(step)
+    assert [h[2]["lr"] for h in history] == [trainer.lr_fn(0), *[trainer.lr_fn(1)] * 3]
+    assert trainer.lr_fn(1) != trainer.lr_fn(3)  # warm-up: the rates differ
     for before, after, m in history[1:]:
         assert _leaves_equal({k: v for k, v in before["aux"].items() if k != "guard"},
                              {k: v for k, v in after["aux"].items() if k != "guard"})
