@@ -39,16 +39,14 @@ def _saved_run_config(args):
     if args.experiment is not None or not args.workdir:
         return None
     from nagjax.config import apply_overrides, config_from_dict
-    from nagjax.train.checkpoint import CheckpointStore
+    from nagjax.train.checkpoint import CheckpointStore, restore_agreed
 
     directory = Path(args.workdir) / "checkpoints"
     if not directory.is_dir():
         return None
-    store = CheckpointStore(directory, read_only=True)
-    try:  # the newest readable config (the trainer reports and moves aside a damaged checkpoint)
-        found = store.restore_newest(store.restore_config)
-    finally:
-        store.close()
+    with CheckpointStore(directory, read_only=True) as store:
+        # the newest readable config (the trainer reports and moves aside a damaged checkpoint)
+        found = restore_agreed(store, store.restore_config)
     return None if found is None else apply_overrides(config_from_dict(found[1]), args.overrides)
 
 
@@ -432,10 +430,11 @@ def main(argv: list[str] | None = None) -> int:
             from nagjax.runtime import setup
             from nagjax.train.checkpoint import CheckpointError
             from nagjax.train.guard import TrainingDiverged
+            from nagjax.train.workdir_lock import WorkdirLocked
 
             setup()
             return args.func(args)
-        except (ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
+        except (ConfigError, DataError, CheckpointError, WorkdirLocked, FileNotFoundError) as e:
             print(f"nagjax: error: {e}", file=sys.stderr)
             return 2
         except TrainingDiverged as e:

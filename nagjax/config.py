@@ -377,6 +377,9 @@ class TrainConfig:
     skip_batches_on_rollback: int = 0  # batches dropped after a rollback (besides the bad ones)
     spike_factor: float = 0.0  # a loss above this x its running mean is bad; 0 = off
     strict_resume: bool = False  # a latest checkpoint that fails to restore stops the run (no fallback)
+    # Checkpoints are written by a background thread while training goes on (at most one in flight);
+    # false: every save blocks the loop until it is committed.
+    async_checkpointing: bool = True
     # Where scalars go (comma-separated; nagjax/train/logging.py): tensorboard (logs/events.*),
     # jsonl (logs/metrics.jsonl, what tests, sweeps and `read_metrics` read), wandb (extra [wandb]).
     loggers: str = "tensorboard,jsonl"

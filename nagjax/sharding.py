@@ -30,6 +30,7 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from nagjax.config import ConfigError, MeshConfig
@@ -285,6 +286,16 @@ def check_batch_split(mesh, batch_size: int, grad_accum: int = 1) -> int:
                           f"does not split over the {ways} batch-parallel devices; choose grad_accum so that "
                           f"data.batch_size / grad_accum is a multiple of {ways}")
     return ways
+
+
+def gather_from_processes(values: Sequence[int]) -> np.ndarray:
+    """Every process's `values` (small ints), one row per process in process order: how hosts
+    share what each of them found before one decision that all of them take. A collective: every
+    process must call it, in the same order. One process: its own row, no communication."""
+    row = np.asarray(values, np.int32)
+    if jax.process_count() == 1:
+        return row[None]
+    return np.asarray(multihost_utils.process_allgather(row)).reshape(jax.process_count(), -1)
 
 
 def batch_shards() -> int:

@@ -63,7 +63,7 @@ def train(cfg, workdir: Path, n_devices: int | None = None):
     t = trainer(cfg, workdir, n_devices)
     t.run()
     params = [np.asarray(x) for x in jax.tree.leaves(jax.device_get(t.state["params"]))]
-    t.store.close()
+    t.close()
     return params
 
 
@@ -96,7 +96,7 @@ def main(root: Path) -> dict:
         restored = [np.asarray(x) for x in jax.tree.leaves(jax.device_get(t.state["params"]))]
         specs = sorted({str(s.spec) for s in jax.tree.leaves(t.state_shardings["params"])})
         t.run()
-        t.store.close()
+        t.close()
         out["reshard"][name] = {
             "resumed_at": t.resume_step,
             "params_identical": all(np.array_equal(a, b) for a, b in zip(saved, restored)),

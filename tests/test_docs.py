@@ -30,9 +30,6 @@ ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 TABLE_PAGES = [README, *sorted((ROOT / "docs").glob("*.md")), ROOT / "benchmarks" / "README.md"]
 LINK_PAGES = [README, *sorted((ROOT / "docs").rglob("*.md")), ROOT / "benchmarks" / "README.md"]
-# Linked while another change writes it (issue 20: checkpoint and long-run behaviour); remove the
-# entry when the page lands.
-PENDING = {ROOT / "docs" / "long-runs.md"}
 
 SOURCE = re.compile(r"^Source(?P<page> \(all tables on this page\))?: (?P<items>\S.*)$")
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
@@ -172,7 +169,7 @@ def test_relative_links_resolve():
                 if target.startswith(("http://", "https://", "mailto:", "#")):
                     continue
                 path = (page.parent / target.split("#")[0]).resolve()
-                if not path.exists() and path not in PENDING:
+                if not path.exists():
                     broken.append(f"{page.relative_to(ROOT)}: {target}")
     assert not broken, "\n".join(broken)
 

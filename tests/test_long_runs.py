@@ -118,7 +118,7 @@ def _leaves_equal(a, b) -> bool:
 def test_bad_steps_change_nothing_but_the_counters(monkeypatch, tmp_path):
     poison(monkeypatch)
     trainer = Trainer(run_config(), tmp_path)
-    trainer.store.close()
+    trainer.close()
     local = next(trainer.data.it)
     state, history = trainer.state, []
 
@@ -140,6 +140,9 @@ def test_bad_steps_change_nothing_but_the_counters(monkeypatch, tmp_path):
     assert m["guard"]["bad_streak"] == 2 and m["guard"]["skipped_steps"] == 2
     m = run(3)  # fine, but the run is max_bad_steps deep: frozen until the host rolls back
     assert m["guard"]["bad"] and np.isfinite(m["loss"]) and m["guard"]["bad_streak"] == 3
+    # the logged rate is the optimiser's: one update applied (step 0), so lr(1) at steps 1-3, not lr(step)
+    assert [h[2]["lr"] for h in history] == [trainer.lr_fn(0), *[trainer.lr_fn(1)] * 3]
+    assert trainer.lr_fn(1) != trainer.lr_fn(3)  # warm-up: the rates differ
     for before, after, m in history[1:]:
         assert _leaves_equal({k: v for k, v in before["aux"].items() if k != "guard"},
                              {k: v for k, v in after["aux"].items() if k != "guard"})
@@ -173,7 +176,7 @@ def test_rollback_after_a_bad_streak_then_the_run_finishes(monkeypatch, tmp_path
         # 9 batches read before the rollback, 2 skipped, 3 more for steps 8-10
         assert trainer.data.read == 9 + 2 + 3 and trainer.data.get_state()["next_index"] == 14
     finally:
-        trainer.store.close()
+        trainer.close()
     out = capsys.readouterr().out
     assert "2 bad steps in a row" in out and "rolled back to step 7, skipping 2 more batches" in out
     last = read_metrics(tmp_path / "logs" / "metrics.jsonl")[10]

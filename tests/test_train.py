@@ -38,12 +38,18 @@ CHILD = textwrap.dedent(
     kill_after_log = int(os.environ.get("KILL_AFTER_LOGGED_STEP", "0"))
     crash_in_save = int(os.environ.get("CRASH_IN_CHECKPOINT_SAVE", "0"))
     term_after_log = int(os.environ.get("SIGTERM_AFTER_LOGGED_STEP", "0"))
+    kill_in_commit = int(os.environ.get("KILL_IN_ASYNC_COMMIT", "0"))
+    import threading
+    logged = {"step": 0, "event": threading.Event()}
     from nagjax.train import logging as tlog
     write = tlog.ScalarWriter.write
     def patched_write(self, step, scalars):
         write(self, step, scalars)
         if "train/loss" in scalars:
             self.flush()
+            logged["step"] = step
+            if step > kill_in_commit:
+                logged["event"].set()
             if step == kill_after_log:
                 os.kill(os.getpid(), signal.SIGKILL)
             if step == term_after_log:
@@ -59,6 +65,28 @@ CHILD = textwrap.dedent(
                 os.kill(os.getpid(), signal.SIGKILL)
             return json_save(self, directory, *args, **kwargs)
         ocp.JsonCheckpointHandler.async_save = crashing_save
+    if kill_in_commit:
+        # SIGKILL in the background thread that commits checkpoint `kill_in_commit` (its files
+        # written, not yet renamed), once the loop has logged a later step: the kill lands inside
+        # an asynchronous save while training goes on (a synchronous save never gets there: the
+        # wait times out and the child exits 3).
+        import asyncio, inspect
+        from orbax.checkpoint._src.path import atomicity
+        finalize = atomicity.AtomicRenameTemporaryPath.finalize
+        def commit_or_die(self):
+            if f"/{kill_in_commit}.orbax-checkpoint-tmp" in str(self._tmp_path):
+                if not logged["event"].wait(timeout=20):
+                    os._exit(3)
+                os.kill(os.getpid(), signal.SIGKILL)
+        if inspect.iscoroutinefunction(finalize):
+            async def patched_finalize(self, *args, **kwargs):
+                commit_or_die(self)
+                return await finalize(self, *args, **kwargs)
+        else:
+            def patched_finalize(self, *args, **kwargs):
+                commit_or_die(self)
+                return finalize(self, *args, **kwargs)
+        atomicity.AtomicRenameTemporaryPath.finalize = patched_finalize
     from nagjax.cli import main
     sys.exit(main(sys.argv[1:]))
     """
@@ -105,13 +133,33 @@ def test_uninterrupted_run_logs_and_checkpoints(reference_run):
 def test_sigkill_then_resume_is_bit_exact(reference_run, tmp_path):
     ref_dir, _ = reference_run
     workdir = tmp_path / "run"
-    killed = run_train(workdir, {"KILL_AFTER_LOGGED_STEP": "6"})  # last checkpoint: step 4
+    killed = run_train(workdir, {"KILL_AFTER_LOGGED_STEP": "10"})
     assert killed.returncode == -signal.SIGKILL
-    assert sorted(losses(workdir)) == list(range(1, 7))
+    assert sorted(losses(workdir)) == list(range(1, 11))
+    # The save of step 8 may still have been in flight (asynchronous); it waited for step 4's.
+    committed = CheckpointStore(workdir / "checkpoints", read_only=True).all_steps()
+    assert committed in ([4], [4, 8]), committed
     resumed = run_train(workdir)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming" in resumed.stdout and "at step 4" in resumed.stdout
+    assert "resuming" in resumed.stdout and f"at step {committed[-1]}" in resumed.stdout
     assert losses(workdir) == losses(ref_dir)  # every step, to the bit
+
+
+def test_sigkill_inside_an_asynchronous_save_resumes_bit_exact(reference_run, tmp_path):
+    """Killed while checkpoint 8 is written in the background and the loop has gone on: 8 is
+    never listed, the run resumes from 4 and redoes every step to the bit."""
+    ref_dir, _ = reference_run
+    workdir = tmp_path / "run"
+    killed = run_train(workdir, {"KILL_IN_ASYNC_COMMIT": "8"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert max(losses(workdir)) > 8  # training went on during the save
+    assert any(".orbax-checkpoint-tmp" in p.name for p in (workdir / "checkpoints").iterdir())
+    assert CheckpointStore(workdir / "checkpoints", read_only=True).all_steps() == [4]
+    resumed = run_train(workdir)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "at step 4" in resumed.stdout
+    assert losses(workdir) == losses(ref_dir)
+    assert CheckpointStore(workdir / "checkpoints", read_only=True).all_steps() == [8, 12]
 
 
 def test_crash_during_checkpoint_write_is_never_restored(reference_run, tmp_path):

@@ -39,6 +39,18 @@ def schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
     )
 
 
+def applied_updates(opt_state) -> jax.Array:
+    """How many updates the optimiser has applied: its schedule's step count, which a skipped step
+    does not advance. The learning rate a step applies is `schedule(applied_updates(state before
+    the step))`; the global step runs ahead of it by the number of skipped steps (since the
+    checkpoint a rollback restored, the skips before it are in neither)."""
+    is_schedule = lambda x: isinstance(x, optax.ScaleByScheduleState)  # noqa: E731
+    counts = [s.count for s in jax.tree.leaves(opt_state, is_leaf=is_schedule) if is_schedule(s)]
+    if not counts:
+        raise ValueError("the optimiser state holds no schedule step count (optax.ScaleByScheduleState)")
+    return counts[0]  # every parameter group's chain counts the same updates
+
+
 def keep_if(skip, old, new):
     """`new`, or `old` where `skip` (a traced bool; None: never skip)."""
     return new if skip is None else keep_if_bad(skip, old, new)

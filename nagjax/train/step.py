@@ -23,6 +23,7 @@ from nagjax.model.residual.base import StepContext
 from nagjax.model.transformer import block_stacks_of
 from nagjax.sharding import batch_shards, constrain
 from nagjax.train import guard as guard_lib
+from nagjax.train.optim import applied_updates
 from nagjax.train.loss import chunk_length, token_losses
 
 
@@ -131,7 +132,9 @@ def make_steps(graphdef: nnx.GraphDef, cfg: ModelConfig, optimizer: optax.Gradie
         metrics = {
             "loss": loss,
             "grad_norm": grad_norm,
-            "lr": lr_fn(step),
+            # the rate this step's update used (a skipped step: the one the next update will use):
+            # the schedule follows applied updates, not the global step (optim.applied_updates)
+            "lr": lr_fn(applied_updates(opt_state)),
             "layers": stats,  # each [depth, 2] (attention, MLP)
             "block_grad_norm": block_norms,
             "guard": {"bad": bad, **{k: guard[k] for k in ("bad_streak", "skipped_steps", "rollbacks")}},

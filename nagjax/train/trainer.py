@@ -5,7 +5,9 @@
 aside and the next older one used (`train.strict_resume=true`: stop instead). Bad steps are skipped
 on device (guard.py); `train.max_bad_steps` of them in a row roll the run back to its last
 checkpoint (`Trainer.roll_back`). SIGTERM/SIGINT save a checkpoint at the current step and raise
-`Interrupted` naming it (the CLI exits 143/130).
+`Interrupted` naming it (the CLI exits 143/130), once it is committed. Checkpoints are written in
+the background while training continues (`train.async_checkpointing`); every process resumes from
+the one step they agree on (`checkpoint.restore_agreed`); one trainer per workdir (workdir_lock.py).
 """
 
 from __future__ import annotations
@@ -28,12 +30,13 @@ from nagjax.data import mixture, pipeline
 from nagjax.interrupts import Interrupted, StopSignal
 from nagjax.model.layers import compute_dtype_name
 from nagjax.model.taper import describe
-from nagjax.train.checkpoint import CheckpointStore, abstract_like, write_json_atomic
+from nagjax.train.checkpoint import CheckpointStore, abstract_like, restore_agreed, write_json_atomic
 from nagjax.train.logging import ScalarWriter, layer_scalars
 from nagjax.train.state import restore_state, training_state
 from nagjax.train import guard as guard_lib
 from nagjax.train.guard import TrainingDiverged
 from nagjax.train.step import Steps
+from nagjax.train.workdir_lock import lock_workdir
 
 # Keys that may change when a run is resumed (they do not change what the model computes).
 # How a step is computed (remat, unrolling, attention kernel, microbatches, loss chunks) may change
@@ -42,7 +45,7 @@ RESUMABLE_KEYS = ("name", "description", "train.steps", "train.eval_every", "tra
                   "train.checkpoint_every", "train.keep_checkpoints", "train.log_every",
                   "train.progress_bar", "train.grad_accum", "train.loss_chunk_tokens",
                   "train.max_bad_steps", "train.max_rollbacks", "train.skip_batches_on_rollback",
-                  "train.spike_factor", "train.strict_resume",
+                  "train.spike_factor", "train.strict_resume", "train.async_checkpointing",
                   "train.loggers", "train.wandb_project", "train.wandb_entity",
                   "model.remat", "model.scan_unroll", "model.attention",
                   "mesh.data", "mesh.fsdp", "mesh.tensor", "mesh.dcn_data")
@@ -119,11 +122,23 @@ class Trainer:
 
     def __init__(self, config: Config, workdir: str | Path, *, for_eval: bool = False):
         self.workdir = Path(workdir).absolute()
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.store = CheckpointStore(self.workdir / "checkpoints", keep=config.train.keep_checkpoints,
-                                     read_only=for_eval)
+        # The data and config are checked before the workdir is touched: bad input changes nothing.
         tokenizer = mixture.tokenizer_of(config.data)  # loaded once: resolve, and the run's copy
         self.config = cfg = resolve(config, tokenizer)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        # One trainer per workdir (eval only reads); then the checkpoints. Whatever fails from here
+        # on closes both before it propagates (no manager left to the interpreter's shutdown).
+        self.lock = None if for_eval else lock_workdir(self.workdir)
+        self.store = None
+        try:
+            self.store = CheckpointStore(self.workdir / "checkpoints", keep=cfg.train.keep_checkpoints,
+                                         read_only=for_eval, asynchronous=cfg.train.async_checkpointing)
+            self._start(cfg, tokenizer, for_eval)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, cfg: Config, tokenizer, for_eval: bool) -> None:
         self.mesh = sharding.make_mesh(cfg.mesh)
         sharding.check_batch_split(self.mesh, cfg.data.batch_size, cfg.train.grad_accum)
         # Shapes first (nothing allocated), then one jit-compiled init straight into the shardings;
@@ -141,9 +156,9 @@ class Trainer:
         self._init_state = jax.jit(spec.init, out_shardings=self.state_shardings)
         # Orbax reads each array straight into its (possibly different) mesh and sharding.
         self._abstract = abstract_like(spec.abstract, self.state_shardings)
-        # The newest checkpoint that restores; an older one when it is damaged (moved aside).
-        resumed = self.store.restore_newest(
-            self._restore, fallback=not (for_eval or cfg.train.strict_resume),
+        # The newest checkpoint every process restores; an older one when it is damaged (moved aside).
+        resumed = restore_agreed(
+            self.store, self._restore, fallback=not (for_eval or cfg.train.strict_resume),
             report=lambda line: print(line, file=sys.stderr, flush=True))
         self.resume_step = None if resumed is None else resumed[0]  # the checkpoint it started from
         if resumed is None:
@@ -159,6 +174,16 @@ class Trainer:
             mixture.keep_with_run(tokenizer, self.workdir)  # sample/export anywhere
         self.flops_per_token = flops.train_flops_per_token(cfg.model, cfg.data.seq_len, mod=cfg.mod)
         self._eval_batches = None
+
+    def close(self) -> None:
+        """Finish the checkpoint in flight, close the manager and free the workdir; idempotent."""
+        store, self.store = self.store, None
+        try:
+            if store is not None:
+                store.close()
+        finally:
+            if self.lock is not None:
+                self.lock.release()
 
     def _restore(self, step: int) -> tuple[dict, dict]:
         """(state, data-iterator state) of checkpoint `step`, after checking that its run is
@@ -245,8 +270,8 @@ class Trainer:
                 f"(now {oc.grad_clip:g}), or check the data before step {step}; last good checkpoint: "
                 f"{self._last_checkpoint()}.")
         self.state = None  # the frozen state is the last good one; free it before restoring
-        resumed = self.store.restore_newest(lambda s: self._restore(s)[0], fallback=not tc.strict_resume,
-                                            report=lambda line: print(line, file=sys.stderr, flush=True))
+        resumed = restore_agreed(self.store, lambda s: self._restore(s)[0], fallback=not tc.strict_resume,
+                                 report=lambda line: print(line, file=sys.stderr, flush=True))
         back, state = (0, self._init_state()) if resumed is None else resumed
         set_guard = jax.jit(_with_guard_after_rollback, out_shardings=self.state_shardings, donate_argnums=0)
         self.state = set_guard(state, rollbacks, int(guard["skipped_steps"]))
@@ -334,12 +359,14 @@ class Trainer:
                         self.save(step)
                         log.flush()
                 if stop.received:
+                    self.store.wait()  # committed before the message says so
                     bar.close()
                     log.close()
                     raise Interrupted(stop.received, f"saved checkpoint at step {step} in {self.store.directory}")
         if result.val_loss is None and step >= tc.steps:  # resumed a finished run: still report
             ev = self.evaluate()
             result.val_loss, result.val_bpb, result.eval = ev["loss"], ev["bpb"], ev
+        self.store.wait()  # the last checkpoint is committed when run() returns
         bar.close()
         log.close()
         result.step = step
@@ -359,19 +386,18 @@ def train(config: Config, workdir: str | Path) -> RunResult:
     try:
         return trainer.run()
     finally:
-        trainer.store.close()
+        trainer.close()
 
 
 def evaluate_workdir(workdir: str | Path, eval_batches: int | None = None) -> dict[str, float]:
     """Validation loss and bits per byte of the latest checkpoint in `workdir`."""
     workdir = Path(workdir).absolute()
-    store = CheckpointStore(workdir / "checkpoints", read_only=True)
-    if store.latest_step() is None:
-        raise FileNotFoundError(
-            f"no complete checkpoint in {store.directory}: run `nagjax train --workdir {workdir}` first"
-        )
-    config = config_from_dict(store.restore_config())
-    store.close()
+    with CheckpointStore(workdir / "checkpoints", read_only=True) as store:
+        if store.latest_step() is None:
+            raise FileNotFoundError(
+                f"no complete checkpoint in {store.directory}: run `nagjax train --workdir {workdir}` first"
+            )
+        config = config_from_dict(store.restore_config())
     if eval_batches:
         config = config.replace(train=dataclasses.replace(config.train, eval_batches=eval_batches))
     trainer = Trainer(config, workdir, for_eval=True)
@@ -380,7 +406,7 @@ def evaluate_workdir(workdir: str | Path, eval_batches: int | None = None) -> di
         out["step"] = trainer.step
         return out
     finally:
-        trainer.store.close()
+        trainer.close()
 
 
 if __name__ == "__main__":  # pragma: no cover
