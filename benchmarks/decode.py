@@ -33,13 +33,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import jax
 import numpy as np
 
 from nagjax.analysis.diagnostics import checkpoint_steps, load_run, validation_batches
-from nagjax.config import Config, DataConfig, ModConfig, ModelConfig, OptimConfig, TrainConfig
+from nagjax.config import Config, DataConfig, ModConfig, ModelConfig, OptimConfig, TrainConfig, require_skip_signal
+from nagjax.infer.calibration import calibrate_thresholds
 from nagjax.infer.sample import generate_ids
-from nagjax.model import mod as modlib
 from nagjax.train.trainer import train
 
 from benchmarks import common  # noqa: E402 - the shared saving helper
@@ -97,7 +96,7 @@ def main() -> None:
         trained = f"trained here: {steps} steps, validation loss {result.val_loss:.3f}"
     run = load_run(workdir)
     cfg = run.config
-    modlib.require_skip_signal(cfg.model, "benchmarks/decode.py")
+    require_skip_signal(cfg.model.residual, "benchmarks/decode.py")
     m = cfg.model
     say(f"# model: {m.residual} d={m.d_model} depth={m.depth} heads={m.n_heads} vocab={m.vocab_size} "
         f"({m.compute_dtype}); MoD kv={cfg.mod.kv}, sublayers={cfg.mod.sublayers}, exempt first "
@@ -106,8 +105,8 @@ def main() -> None:
     batches = validation_batches(cfg, cfg.train.eval_batches)
     prompt = [int(t) for t in batches[0]["inputs"][0, :args.prompt_tokens]]
     skipping = [r for r in RATES if r > 0]
-    tau = dict(zip(skipping, np.moveaxis(modlib.calibrate_thresholds(
-        run.graphdef, run.params, batches, cfg.mod, tuple(skipping), under_skipping=True), -1, 0)))
+    tau = dict(zip(skipping, np.moveaxis(calibrate_thresholds(
+        run.graphdef, run.params, batches, tuple(skipping), under_skipping=True), -1, 0)))
     tau[0.0] = np.full((m.depth, 2), -np.inf)  # r = 0: every token executes, through the skipping path
     say(f"# batch 1, prompt {len(prompt)} tokens (validation text), {args.new_tokens} new tokens (temperature 1, "
         f"seed 0, no EOS stop); thresholds calibrated under skipping on {len(batches)} validation batches; "

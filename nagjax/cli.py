@@ -2,6 +2,10 @@
 
 Every verb that takes a config accepts `--experiment NAME` and `--set key=value ...`; bad keys or
 values are reported before any work starts.
+
+This is the one module that imports nagjax modules inside functions (tests/test_imports.py allows
+it here only): each command imports what it needs when it runs, so start-up stays fast and
+`nagjax data` workers or `nagjax --help` never load JAX or the model.
 """
 
 from __future__ import annotations
@@ -25,9 +29,17 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
                    help="extra folder or .py file of experiments to register")
 
 
+def _register_schemes() -> None:
+    """Register the built-in residual schemes, which configs name (`model.residual`, `model.nag.*`):
+    the config module sits below the model and cannot import them itself."""
+    import nagjax.model  # noqa: F401
+
+
 def _config(args):
     from nagjax.config import apply_overrides
     from nagjax.registry import get_experiment, load_experiments
+
+    _register_schemes()
 
     load_experiments(args.experiments_dir)
     return apply_overrides(get_experiment(args.experiment or DEFAULT_EXPERIMENT), args.overrides)
@@ -41,6 +53,7 @@ def _saved_run_config(args):
     from nagjax.config import apply_overrides, config_from_dict
     from nagjax.train.checkpoint import CheckpointStore, restore_agreed
 
+    _register_schemes()
     directory = Path(args.workdir) / "checkpoints"
     if not directory.is_dir():
         return None
