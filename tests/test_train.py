@@ -62,6 +62,14 @@ CHILD = textwrap.dedent(
         def crashing_save(self, directory, *args, **kwargs):
             # Crash while the checkpoint of step `crash_in_save` is half written.
             if f"/{crash_in_save}.orbax-checkpoint-tmp" in str(directory):
+                # Die once the half-written step is on disk: under asynchronous saves Orbax may
+                # still be creating its temporary directory in another thread.
+                import pathlib, time
+                step_tmp = next(p for p in pathlib.Path(str(directory)).parents
+                                if ".orbax-checkpoint-tmp" in p.name)
+                deadline = time.monotonic() + 20
+                while not step_tmp.exists() and time.monotonic() < deadline:
+                    time.sleep(0.01)
                 os.kill(os.getpid(), signal.SIGKILL)
             return json_save(self, directory, *args, **kwargs)
         ocp.JsonCheckpointHandler.async_save = crashing_save
