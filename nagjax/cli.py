@@ -129,9 +129,9 @@ def cmd_export(args) -> int:
     remote = ", trust_remote_code=True" if config["model_type"] == "nagjax" else ""
     print(f"wrote {args.out}: {arch} (step {config['nagjax']['step']}), model.safetensors, config.json, "
           f"tokenizer\nload it with: AutoModelForCausalLM.from_pretrained({str(args.out)!r}{remote})")
-    if config["nagjax"]["mod_rate"] > 0:
-        print(f"nagjax: note: trained with mod.rate={config['nagjax']['mod_rate']:g}; the export runs every "
-              "sublayer (Mixture-of-Depths skipping is not exported)", file=sys.stderr)
+    if config.get("mod_skipping"):
+        print(f"Mixture-of-Depths: trained thresholds exported (mod.rate={config['nagjax']['mod_rate']:g}); the "
+              "export routes causally with them and skips (config.json mod_skipping=false for dense)")
     return 0
 
 
