@@ -152,3 +152,35 @@ def test_mod_export_routes_skips_and_samples_like_nagjax(exported):
     print(f"nag_mod: routed logits vs nagjax causal thresholds max |diff| = {diff:.3g}; dense (mod_skipping="
           f"false) vs nagjax dense {dense_diff:.3g}; routed block MLP ran {rows[0]}/{tokens.shape[1]} rows; "
           f"greedy generate == nagjax generate_ids ({len(theirs)} tokens)")
+
+
+@pytest.mark.parametrize("residual", ["prenorm", "lns"])
+def test_import_a_transformers_llama(residual, tmp_path):
+    """A LlamaForCausalLM saved by transformers (random weights, grouped K/V, untied head) imports
+    as Pre-LN with equal logits, and into LNS as the same function (its factor undone)."""
+    import shutil
+
+    saved_run("prenorm", tmp_path / "run", [])
+    assert main(["export", "-w", str(tmp_path / "run"), "-o", str(tmp_path / "ours")]) == 0
+    config = transformers.LlamaConfig(vocab_size=4096, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                                      num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
+                                      rope_theta=5000.0, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    llama = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # norm gains away from 1, so that carrying them over is tested
+        for name, p in llama.named_parameters():
+            if name.endswith("norm.weight"):
+                p.add_(0.1 * torch.randn_like(p))
+    llama.save_pretrained(tmp_path / "llama")
+    for f in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copyfile(tmp_path / "ours" / f, tmp_path / "llama" / f)
+    assert main(["import", str(tmp_path / "llama"), "-w", str(tmp_path / "w"), "--set", f"model.residual={residual}",
+                 "data.seq_len=32", "data.batch_size=4", "train.progress_bar=false"]) == 0
+    run = load_run(tmp_path / "w")
+    tokens = np.random.default_rng(0).integers(0, 4096, (2, 20))
+    ours = np.asarray(jax.jit(lambda p, t: nnx.merge(run.graphdef, p)(t)[0])(run.params, tokens))
+    with torch.no_grad():
+        theirs = llama(torch.as_tensor(tokens)).logits.numpy()
+    diff = float(np.abs(ours - theirs).max())
+    print(f"LlamaForCausalLM -> nagjax {residual}: max |logit difference| = {diff:.3g}")
+    assert diff < 1e-4

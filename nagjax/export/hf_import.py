@@ -7,7 +7,8 @@ overrides it implies and its tensors under nagjax's names, stacked over blocks
 * `llama` (LlamaForCausalLM; also a nagjax Pre-LN/LNS export): the inverse of llama.py's mapping.
   Into Pre-LN the model is the same function (equal logits up to float32 rounding). Into another
   scheme (`--set model.residual=...`) every tensor whose shape fits carries over and the scheme's
-  own parameters start fresh: LNS divides the norm gains by its 1/sqrt(i+1) (same function again);
+  own parameters start fresh: LNS divides the norm gains by its 1/sqrt(i+1) (same function again:
+  LNS's export folds that factor in, so an LNS export comes back as it was);
   NAG folds each pre-norm gain into the input rows of the sublayer it feeds (its sublayers read the
   unit-RMS direction, which is what RMSNorm hands them) and starts its gates, modulator, encoder
   gain and head gain fresh, and has no final norm; AttnRes keeps the norms and the final norm and
@@ -122,9 +123,10 @@ def llama_import(hf: dict, tensors: dict, residual: str | None) -> tuple[list[st
     if block_ids != list(range(depth)):
         overrides.append("model.block_ids=" + ",".join(map(str, block_ids)))
     L = "model.layers.{}."
-    # LNS's exported gains hold its factor 1/sqrt(block_id + 1): undone when the export was LNS
-    saved_factor = np.array([1 / math.sqrt(b + 1) if saved == "lns" else 1.0 for b in block_ids], np.float32)
-    norms = [_stack(tensors, L + n + ".weight", depth) / saved_factor[:, None]
+    # A Llama gain is what LNS applies times its factor 1/sqrt(block_id + 1) (folded in at export):
+    # into LNS the factor is divided out, so the model stays the same function
+    factor = np.array([1 / math.sqrt(b + 1) if residual == "lns" else 1.0 for b in block_ids], np.float32)
+    norms = [_stack(tensors, L + n + ".weight", depth) / factor[:, None]
              for n in ("input_layernorm", "post_attention_layernorm")]
     out = {
         "embed": tensors["model.embed_tokens.weight"],
