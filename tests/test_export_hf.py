@@ -93,12 +93,17 @@ def test_cached_greedy_equals_uncached(exported):
     residual, cfg, _, model = exported
     ids = torch.tensor(prompts(cfg, (11,)))
     kw = dict(max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
+    lengths = []
+    hook = model.register_forward_pre_hook(lambda m, args, kwargs: lengths.append(kwargs["input_ids"].shape[1]),
+                                           with_kwargs=True)
     with torch.no_grad():
         cached = model.generate(ids, use_cache=True, **kw)
+        hook.remove()
         uncached = model.generate(ids, use_cache=False, **kw)
         full = model(cached).logits
         step = model(cached[:, :-3], use_cache=True)
         tail = model(cached[:, -3:], past_key_values=step.past_key_values, use_cache=True).logits
+    assert lengths == [ids.shape[1]] + [1] * (len(lengths) - 1)  # generate really reads the cache
     assert cached.tolist() == uncached.tolist()
     assert float((tail - full[:, -3:]).abs().max()) < 1e-4  # cached forward = full forward
     print(f"{residual}: cached greedy generate == uncached ({cached.shape[1] - ids.shape[1]} tokens)")

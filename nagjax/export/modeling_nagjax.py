@@ -359,9 +359,11 @@ class NagjaxForCausalLM(PreTrainedModel, GenerationMixin):
                                       past_key_values=past_key_values if use_cache else None)
 
     def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None,
-                                      use_cache=None, **kwargs):
-        """Only the tokens the cache does not hold yet; the whole attention mask (left padding)."""
-        if past_key_values is not None and past_key_values.get_seq_length() > 0:
-            input_ids = input_ids[:, past_key_values.get_seq_length():]
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "past_key_values": past_key_values,
+                                      use_cache=None, cache=None, **kwargs):
+        """Only the tokens the cache does not hold yet; the whole attention mask (left padding).
+        The cache arrives as `cache` (newer transformers) or `past_key_values` (older)."""
+        cache = cache if cache is not None else past_key_values
+        if cache is not None and cache.get_seq_length() > 0:
+            input_ids = input_ids[:, cache.get_seq_length():]
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "past_key_values": cache,
                 "use_cache": use_cache}
