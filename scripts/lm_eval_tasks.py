@@ -3,6 +3,7 @@
 (generate_until: greedy continuation of a sentence start). Offline, deterministic:
 
     python scripts/lm_eval_tasks.py          # writes docs/lm-eval/{cloze,next_words}.jsonl
+    python scripts/lm_eval_tasks.py --compare OUT_B1 OUT_B4   # two lm_eval --log_samples outputs
 """
 
 from __future__ import annotations
@@ -51,5 +52,26 @@ def main(n: int = 40) -> None:
     print(f"wrote {OUT}/cloze.jsonl ({len(cloze)}), {OUT}/next_words.jsonl ({len(gen)})")
 
 
+def compare(a: str, b: str) -> None:
+    """Are two `lm_eval --log_samples` runs' answers the same (e.g. --batch_size 1 and 4)?"""
+    def load(root, task):
+        f = sorted(Path(root).glob(f"*/samples_{task}_*.jsonl"))[-1]
+        return {r["doc_id"]: r for r in map(json.loads, f.open())}
+
+    g1, g2 = load(a, "nagjax_next_words"), load(b, "nagjax_next_words")
+    same = sum(g1[k]["filtered_resps"] == g2[k]["filtered_resps"] for k in g1)
+    print(f"nagjax_next_words: {same}/{len(g1)} greedy continuations identical")
+    for k in sorted(g1)[:3]:
+        print(f"  ...{g1[k]['doc']['context'][-40:]!r} -> {g1[k]['filtered_resps'][0]!r} | "
+              f"{g2[k]['filtered_resps'][0]!r}")
+    c1, c2 = load(a, "nagjax_cloze"), load(b, "nagjax_cloze")
+    diff = max(abs(float(x[0]) - float(y[0])) for k in c1
+               for x, y in zip(c1[k]["filtered_resps"], c2[k]["filtered_resps"]))
+    print(f"nagjax_cloze: max |log-likelihood difference| = {diff:.2e} over {len(c1)} x 4 choices")
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--compare"]:
+        compare(sys.argv[2], sys.argv[3])
+    else:
+        main()
