@@ -93,3 +93,22 @@ def test_train_continues_an_import(tmp_path):
     main(["import", str(tmp_path / "hf"), "-w", str(tmp_path / "w"), "--set", *SMALL])
     assert main(["train", "--workdir", str(tmp_path / "w")]) == 0
     assert load_run(tmp_path / "w").step == 2
+
+
+def test_llama_with_its_own_tokenizer_trains_on_the_embedded_corpus(tmp_path):
+    """A folder whose tokenizer is not the embedded corpus's: the corpus is tokenised with it into
+    WORKDIR/data, and the import trains, samples and evaluates with it."""
+    from conftest import make_hf_tokenizer
+    from nagjax.data.corpus import embedded_documents
+
+    saved_run("prenorm", tmp_path / "run", [])
+    main(["export", "-w", str(tmp_path / "run"), "-o", str(tmp_path / "hf")])
+    for f in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
+        (tmp_path / "hf" / f).unlink()
+    make_hf_tokenizer(embedded_documents("validation")[:3], tmp_path / "hf" / "tokenizer.json", vocab_size=600)
+    assert main(["import", str(tmp_path / "hf"), "-w", str(tmp_path / "w"), "--set", *SMALL]) == 0
+    run = load_run(tmp_path / "w")
+    assert run.config.data.source == str((tmp_path / "w" / "data").absolute())
+    assert (tmp_path / "w" / "tokenizer" / "tokenizer.json").is_file()
+    assert main(["train", "--workdir", str(tmp_path / "w")]) == 0
+    assert main(["sample", "--workdir", str(tmp_path / "w"), "-p", "The", "--max-tokens", "4"]) == 0
