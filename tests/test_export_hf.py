@@ -22,14 +22,15 @@ from test_export import saved_run
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-MOD_RUN = ["model.n_kv_heads=1", "model.depth=3", "mod.rate=0.5"]
+MOD_RUNS = {"nag_mod": ["model.n_kv_heads=1", "model.depth=3", "mod.rate=0.5"],
+            "nag_mod_kv_all": ["model.depth=3", "mod.rate=0.5", "mod.kv=all", "mod.sublayers=attention"]}
 EOS = 1
 
 
-def mod_run(workdir):
+def mod_run(workdir, name):
     """A NAG run trained with MoD: random parameters and thresholds that skip about half the tokens
     (the signal's median per sublayer on random tokens, written where training writes them)."""
-    cfg = saved_run("nag", workdir, MOD_RUN)
+    cfg = saved_run("nag", workdir, MOD_RUNS[name])
     run = load_run(workdir)
     tokens = np.random.default_rng(1).integers(0, cfg.model.vocab_size, (4, 32))
     tau = calibrate_thresholds(run.graphdef, run.params, [{"inputs": tokens}], (0.5,))[..., 0]
@@ -41,10 +42,10 @@ def mod_run(workdir):
     return cfg
 
 
-@pytest.fixture(scope="module", params=["nag", "attnres", "nag_mod"])
+@pytest.fixture(scope="module", params=["nag", "attnres", "nag_mod", "nag_mod_kv_all"])
 def exported(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
-    cfg = mod_run(root / "run") if request.param == "nag_mod" else saved_run(request.param, root / "run")
+    cfg = mod_run(root / "run", request.param) if request.param in MOD_RUNS else saved_run(request.param, root / "run")
     assert main(["export", "--workdir", str(root / "run"), "--out", str(root / "hf")]) == 0
     model = transformers.AutoModelForCausalLM.from_pretrained(str(root / "hf"), trust_remote_code=True,
                                                               dtype=torch.float32)
@@ -120,8 +121,8 @@ def test_mask_that_cannot_be_honoured_raises(exported):
 
 def test_mod_export_routes_skips_and_samples_like_nagjax(exported):
     residual, cfg, root, model = exported
-    if residual != "nag_mod":
-        pytest.skip("Mixture-of-Depths: the NAG run trained with it")
+    if residual not in MOD_RUNS:
+        pytest.skip("Mixture-of-Depths: the NAG runs trained with it")
     run = load_run(root / "run")
     tau = np.asarray(run.state["aux"]["mod_tau"])
     assert model.config.mod_skipping and np.allclose(model.config.mod_thresholds, tau)
@@ -134,13 +135,16 @@ def test_mod_export_routes_skips_and_samples_like_nagjax(exported):
 
     rows = []
     mlp = model.layers[2].mlp
-    hook = mlp.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[0]))
+    hook = mlp.register_forward_hook(lambda m, args, out: rows.append(args[0].reshape(-1, args[0].shape[-1]).shape[0]))
     with torch.no_grad():
         routed = model(torch.as_tensor(tokens)).logits.numpy()
     hook.remove()
     diff = float(np.abs(routed - nagjax_logits(policy.eval_routing(run.state["aux"]))).max())
     assert diff < 1e-4, diff
-    assert 0 < rows[0] < tokens.shape[1]  # the MLP of a routed block ran on the executed rows only
+    if model.config.mod_sublayers == "both":  # the MLP of a routed block ran on the executed rows only
+        assert 0 < rows[0] < tokens.shape[1]
+    else:
+        assert rows[0] == tokens.shape[1]
     model.config.mod_skipping = False
     with torch.no_grad():
         dense = model(torch.as_tensor(tokens)).logits.numpy()
@@ -154,7 +158,7 @@ def test_mod_export_routes_skips_and_samples_like_nagjax(exported):
         theirs = model.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False, eos_token_id=EOS,
                                 pad_token_id=0)[0, len(prompt):].tolist()
     assert theirs == ours.tokens[0], (theirs, ours.tokens[0])
-    print(f"nag_mod: routed logits vs nagjax causal thresholds max |diff| = {diff:.3g}; dense (mod_skipping="
+    print(f"{residual} (kv={model.config.mod_kv}, sublayers={model.config.mod_sublayers}): routed logits vs nagjax causal thresholds max |diff| = {diff:.3g}; dense (mod_skipping="
           f"false) vs nagjax dense {dense_diff:.3g}; routed block MLP ran {rows[0]}/{tokens.shape[1]} rows; "
           f"greedy generate == nagjax generate_ids ({len(theirs)} tokens)")
 

@@ -42,7 +42,7 @@ def export_workdir(workdir: str | pathlib.Path, out: str | pathlib.Path, fmt: st
     config.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
                   max_position_embeddings=run.config.data.seq_len,
                   nagjax={"step": run.step, "residual": cfg.residual, "name": run.config.name,
-                          "mod_rate": run.config.mod.rate})
+                          "mod_rate": run.config.mod.rate, "block_ids": cfg.block_index_list})
     config.update(mod_config(run))
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
