@@ -6,6 +6,8 @@ with MoD carries its thresholds, routes causally with them, really skips, and ge
 
 from __future__ import annotations
 
+import shutil
+
 import jax
 import numpy as np
 import pytest
@@ -167,8 +169,6 @@ def test_mod_export_routes_skips_and_samples_like_nagjax(exported):
 def test_import_a_transformers_llama(residual, tmp_path):
     """A LlamaForCausalLM saved by transformers (random weights, grouped K/V, untied head) imports
     as Pre-LN with equal logits, and into LNS as the same function (its factor undone)."""
-    import shutil
-
     saved_run("prenorm", tmp_path / "run", [])
     assert main(["export", "-w", str(tmp_path / "run"), "-o", str(tmp_path / "ours")]) == 0
     config = transformers.LlamaConfig(vocab_size=4096, hidden_size=64, intermediate_size=96, num_hidden_layers=3,

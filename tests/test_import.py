@@ -14,10 +14,11 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file
 
-from conftest import TINY_RUN
+from conftest import TINY_RUN, make_hf_tokenizer
 from nagjax.analysis.diagnostics import load_run
 from nagjax.cli import main
 from nagjax.config import ConfigError
+from nagjax.data.corpus import embedded_documents
 from nagjax.export.hf_import import import_folder
 from test_export import saved_run
 
@@ -98,9 +99,6 @@ def test_train_continues_an_import(tmp_path):
 def test_llama_with_its_own_tokenizer_trains_on_the_embedded_corpus(tmp_path):
     """A folder whose tokenizer is not the embedded corpus's: the corpus is tokenised with it into
     WORKDIR/data, and the import trains, samples and evaluates with it."""
-    from conftest import make_hf_tokenizer
-    from nagjax.data.corpus import embedded_documents
-
     saved_run("prenorm", tmp_path / "run", [])
     main(["export", "-w", str(tmp_path / "run"), "-o", str(tmp_path / "hf")])
     for f in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
