@@ -92,6 +92,7 @@ def test_train_continues_an_import(tmp_path):
     saved_run("nag", tmp_path / "run", ["model.n_kv_heads=1"])
     main(["export", "-w", str(tmp_path / "run"), "-o", str(tmp_path / "hf")])
     main(["import", str(tmp_path / "hf"), "-w", str(tmp_path / "w"), "--set", *SMALL])
+    assert main(["eval", "--workdir", str(tmp_path / "w"), "--batches", "1"]) == 0
     assert main(["train", "--workdir", str(tmp_path / "w")]) == 0
     assert load_run(tmp_path / "w").step == 2
 

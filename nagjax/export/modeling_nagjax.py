@@ -25,8 +25,8 @@ per-token sources need nothing cached beyond K/V.
 Mixture-of-Depths (§2): an export of a run trained with MoD carries its trained thresholds
 (`mod_thresholds` [depth][2]); with `mod_skipping` (the default then) a token runs a routed
 sublayer iff NAG's modulator m >= tau, causally, as `nagjax sample` does: a skipped token is left
-exactly unchanged, with `mod_kv="kept"` it gives no K/V to that attention (cached as a per-layer
-validity), and a sublayer no token in the call executes is not computed (the MLP runs on the
+exactly unchanged, with `mod_kv="kept"` it gives no K/V to that attention (a validity channel is
+cached beside the keys), and a sublayer no token in the call executes is not computed (the MLP runs on the
 executed rows only). `mod_skipping=False` runs every sublayer (dense).
 """
 
