@@ -1,4 +1,4 @@
-"""`nagjax <verb>`: train, eval, sample, sweep, report, list, data, compile, prune, analyze.
+"""`nagjax <verb>`: train, eval, sample, sweep, report, list, data, export, import, compile, prune, analyze.
 
 Every verb that takes a config accepts `--experiment NAME` and `--set key=value ...`; bad keys or
 values are reported before any work starts.
@@ -140,9 +140,24 @@ def cmd_export(args) -> int:
     remote = ", trust_remote_code=True" if config["model_type"] == "nagjax" else ""
     print(f"wrote {args.out}: {arch} (step {config['nagjax']['step']}), model.safetensors, config.json, "
           f"tokenizer\nload it with: AutoModelForCausalLM.from_pretrained({str(args.out)!r}{remote})")
-    if config["nagjax"]["mod_rate"] > 0:
-        print(f"nagjax: note: trained with mod.rate={config['nagjax']['mod_rate']:g}; the export runs every "
-              "sublayer (Mixture-of-Depths skipping is not exported)", file=sys.stderr)
+    if config.get("mod_skipping"):
+        print(f"Mixture-of-Depths: trained thresholds exported (mod.rate={config['nagjax']['mod_rate']:g}); the "
+              "export routes causally with them and skips (config.json mod_skipping=false for dense)")
+    return 0
+
+
+def cmd_import(args) -> int:
+    from nagjax.export.hf_import import import_folder
+
+    out = import_folder(args.source, args.workdir, experiment=args.experiment, overrides=args.overrides,
+                        experiments_dir=args.experiments_dir)
+    cfg = out["config"]
+    m = cfg.model
+    print(f"wrote {args.workdir}: step-0 checkpoint of {m.residual} (d_model={m.d_model}, depth={m.depth}, "
+          f"vocab {m.vocab_size}) from {args.source} ({out['model_type']})\ndata: {out['data']}")
+    if out["fresh"]:
+        print("fresh (initialised, not imported): " + ", ".join(out["fresh"]))
+    print(f"continue with: nagjax train --workdir {args.workdir}   (sample, eval and export work too)")
     return 0
 
 
@@ -417,6 +432,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", "-o", required=True, help="output folder")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("import", help="a Hugging Face folder (LlamaForCausalLM, or a nagjax export) as a "
+                       "workdir that `nagjax train --workdir` continues")
+    p.add_argument("source", metavar="FOLDER", help="Hugging Face model folder (config.json + *.safetensors)")
+    p.add_argument("--workdir", "-w", required=True, help="new run folder")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("compile", help="compile the train step for a target topology (no hardware needed); "
                        "print per-device memory and every parameter's sharding")

@@ -311,6 +311,12 @@ class DataConfig:
     batch_size: int = 16  # global batch, in sequences
     shuffle_seed: int = 0
     worker_count: int = 0  # Grain worker processes; 0 = in the main process
+    # Packed windows hold several documents separated by EOS. document_mask: a token attends only
+    # to tokens of its own document (an EOS opens the document it precedes) in training and
+    # evaluation; document_positions: RoPE positions also restart at each EOS. Default off: on the
+    # embedded corpus it measured no validation-loss benefit (docs/training.md, "Document masking").
+    document_mask: bool = False
+    document_positions: bool = False
 
     def validate(self, prefix: str = "data") -> None:
         _check(bool(self.source), f"{prefix}.source", "must be 'embedded' or a token-shard directory")
@@ -322,6 +328,9 @@ class DataConfig:
         _check(self.seq_len >= 2, f"{prefix}.seq_len", "must be >= 2")
         _check(self.batch_size >= 1, f"{prefix}.batch_size", "must be >= 1")
         _check(self.worker_count >= 0, f"{prefix}.worker_count", "must be >= 0")
+        _check(self.document_mask or not self.document_positions, f"{prefix}.document_positions",
+               f"needs {prefix}.document_mask=true (positions restart per document only when documents "
+               "are masked from each other)")
 
 
 @dataclass(frozen=True)

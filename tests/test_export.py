@@ -28,10 +28,11 @@ CASES = {
 }
 
 
-def saved_run(residual: str, workdir):
+def saved_run(residual: str, workdir, overrides=None):
     """A checkpoint of a tiny model, written as the trainer writes one, whose every parameter is
     random (so that norm gains are not 1, AttnRes queries not 0, ...); nothing is compiled."""
-    cfg = resolve(apply_overrides(Config(), [*TINY_RUN, f"model.residual={residual}", *CASES[residual]]))
+    cfg = resolve(apply_overrides(Config(), [*TINY_RUN, f"model.residual={residual}",
+                                                    *(CASES[residual] if overrides is None else overrides)]))
     rng = np.random.default_rng(7)
 
     def fill(path, a):

@@ -85,6 +85,34 @@ def _to_batch(windows: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
     return {"inputs": w_bt[:, :-1], "targets": w_bt[:, 1:]}
 
 
+class DocumentIds:
+    """Adds what document masking needs to a batch (`data.document_mask`): `documents` [b, t], the
+    document of each input token within its window (the count of EOS tokens up to and including it:
+    an EOS opens the document it precedes, as a prompt starts with EOS at sampling), and `positions`
+    [b, t], the tokens' RoPE positions (restarting at each EOS with `data.document_positions`, else
+    0..t-1). A module-level class so Grain worker processes can pickle it."""
+
+    def __init__(self, eos_id: int, restart_positions: bool):
+        self.eos_id, self.restart_positions = int(eos_id), bool(restart_positions)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        inputs = batch["inputs"]
+        is_eos = inputs == self.eos_id
+        index = np.broadcast_to(np.arange(inputs.shape[1], dtype=np.int32), inputs.shape)
+        positions = index
+        if self.restart_positions:
+            positions = index - np.maximum.accumulate(np.where(is_eos, index, 0), axis=1)
+        return {**batch, "documents": np.cumsum(is_eos, axis=1, dtype=np.int32),
+                "positions": np.ascontiguousarray(positions, np.int32)}
+
+
+def with_documents(data_cfg, ds, tokenizer):
+    """`ds` (batches) with `documents` and `positions` when `data.document_mask`, else as it is."""
+    if not getattr(data_cfg, "document_mask", False):
+        return ds
+    return ds.map(DocumentIds(tokenizer.eos_id, data_cfg.document_positions))
+
+
 def local_batch_size(data_cfg, process_index: int, process_count: int) -> int:
     if not 0 <= process_index < process_count:
         raise DataError(f"process_index {process_index} not in [0, process_count={process_count})")
@@ -112,12 +140,13 @@ def train_dataset(data_cfg, *, process_index: int = 0, process_count: int = 1) -
     b_local = local_batch_size(data_cfg, process_index, process_count)
     if mixture.is_mixture(data_cfg):
         return _mixture_dataset(data_cfg, b_local, process_index, process_count)
-    source = WindowSource(open_split(data_cfg, "train"), data_cfg.seq_len)
+    split = open_split(data_cfg, "train")
+    source = WindowSource(split, data_cfg.seq_len)
     ds = (
         grain.MapDataset.range(len(source)).shuffle(seed=data_cfg.shuffle_seed % 2**32).repeat(None)
     )
     ds = ds.batch(b_local, drop_remainder=True, batch_fn=np.asarray)[process_index::process_count]
-    return ds.map(source.gather_batch)
+    return with_documents(data_cfg, ds.map(source.gather_batch), split.tokenizer)
 
 
 class MixtureWindows:
@@ -144,7 +173,8 @@ def _mixture_dataset(data_cfg, b_local: int, process_index: int, process_count: 
         parts.append(ds.repeat(None).map(functools.partial(_tag_source, j)))
     mixed = grain.MapDataset.mix(parts, [src.weight for src, _ in opened])
     batched = mixed.batch(b_local, drop_remainder=True, batch_fn=np.asarray)
-    return batched[process_index::process_count].map(MixtureWindows(windows).gather_batch)
+    ds = batched[process_index::process_count].map(MixtureWindows(windows).gather_batch)
+    return with_documents(data_cfg, ds, opened[0][1].tokenizer)
 
 
 def train_iterator(data_cfg, *, process_index: int = 0, process_count: int = 1):
@@ -202,7 +232,10 @@ def eval_sets(data_cfg, n_batches: int, *, process_index: int = 0,
         batches = []
         for k in range(n_batches):
             first = k * data_cfg.batch_size + process_index * b_local
-            batches.append(source.gather_batch(np.arange(first, first + b_local)))
+            batch = source.gather_batch(np.arange(first, first + b_local))
+            if data_cfg.document_mask:
+                batch = DocumentIds(split.tokenizer.eos_id, data_cfg.document_positions)(batch)
+            batches.append(batch)
         out.append(EvalSet(src.name, src.weight, batches, split.bytes_per_token))
     return out
 

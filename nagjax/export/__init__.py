@@ -1,4 +1,5 @@
-"""Model export (`nagjax export`): a trained workdir as a Hugging Face `transformers` folder.
+"""Model export and import (`nagjax export`, `nagjax import`): a trained workdir as a Hugging Face
+`transformers` folder, and such a folder (a Llama, or an export) back as a workdir (hf_import.py).
 
 hf.py writes the folder (safetensors weights, config.json, tokenizer); each residual scheme has an
 exporter registered here (registry.py) that says how its weights map: Pre-LN and LNS as

@@ -13,6 +13,8 @@ import json
 import pathlib
 import shutil
 
+import numpy as np
+
 from safetensors.numpy import save_file
 
 from nagjax.analysis.diagnostics import load_run
@@ -21,6 +23,7 @@ from nagjax.data.mixture import run_tokenizer
 from nagjax.export import remote
 from nagjax.export.layers import numpy_tree
 from nagjax.export.registry import exporter_for
+from nagjax.model.mod import MoDPolicy
 
 FORMATS = ("hf",)
 
@@ -39,12 +42,11 @@ def export_workdir(workdir: str | pathlib.Path, out: str | pathlib.Path, fmt: st
     config.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
                   max_position_embeddings=run.config.data.seq_len,
                   nagjax={"step": run.step, "residual": cfg.residual, "name": run.config.name,
-                          "mod_rate": run.config.mod.rate})
+                          "mod_rate": run.config.mod.rate, "block_ids": cfg.block_index_list})
+    config.update(mod_config(run))
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     generation = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}
-    if config["model_type"] == "nagjax":  # the self-contained modelling code keeps no KV cache
-        generation["use_cache"] = False
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     if config["model_type"] == "nagjax":
         here = pathlib.Path(__file__).resolve().parent
@@ -52,6 +54,21 @@ def export_workdir(workdir: str | pathlib.Path, out: str | pathlib.Path, fmt: st
             shutil.copyfile(here / name, out / name)
     _write_tokenizer(tokenizer, out)
     return config
+
+
+def mod_config(run) -> dict:
+    """config.json's Mixture-of-Depths entries: the trained thresholds [depth][2] (by position in
+    the stack) and the routing rules the remote code applies with them, for a run that trained with
+    MoD (the model's policy says so); nothing otherwise. `mod_skipping` true: the export routes and
+    skips by default (set it false in config.json, or pass mod_skipping=False, for dense)."""
+    policy = MoDPolicy.of(run.config.model, run.config.mod)
+    tau = policy.trained_thresholds(run.state["aux"])
+    if tau is None:
+        return {}
+    mod = run.config.mod
+    return {"mod_thresholds": np.asarray(tau, np.float64).tolist(), "mod_skipping": True,
+            "mod_sublayers": mod.sublayers, "mod_exempt_first_blocks": mod.exempt_first_blocks,
+            "mod_kv": mod.kv}
 
 
 def _write_tokenizer(tokenizer, out: pathlib.Path) -> None:

@@ -5,7 +5,9 @@ re-written in PyTorch (`modeling_nagjax.py`, `configuration_nagjax.py`, copied i
 folder) with weights under nagjax's own names and layouts: `layers.<i>.<path>` for block i's
 parameters (taper stages flattened), and the top-level ones (`embed`, `head`, `stream.*`) as they
 are. The modelling file is the same for every scheme; `config.residual` picks its stream and
-block residual. It runs every sublayer (Mixture-of-Depths thresholds are not exported).
+block residual. It honours padding masks and keeps a KV cache; the trained Mixture-of-Depths
+thresholds of a run that trained with MoD are added by hf.py (`mod_config`), and the modelling code
+routes and skips with them.
 """
 
 from __future__ import annotations

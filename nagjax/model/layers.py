@@ -8,7 +8,10 @@ Both sublayers of a block take one call signature, `f(x_btd, positions_bt, kv=No
 so a residual scheme (and Mixture-of-Depths) can call either without knowing which it holds:
 `positions_bt` are the tokens' original positions (RoPE and causality stay right when a scheme runs
 a sublayer on a subset of tokens) and `kv` (a `KVSource`) says where attention's keys and values
-come from; the MLP is token-wise and ignores both.
+come from; the MLP is token-wise and ignores both. With document masking (`data.document_mask`)
+`positions_bt` is [b, t, 2]: (position, document) per token (`document_positions`), and attention
+lets a token see only earlier tokens of its own document; a routed sublayer gathers the pair with
+its tokens, so Mixture-of-Depths keeps the mask.
 """
 
 from __future__ import annotations
@@ -84,6 +87,18 @@ def rope(x_btnh, positions_bt, theta: float):
     return out.astype(x_btnh.dtype)
 
 
+def document_positions(positions_bt, documents_bt):
+    """(position, document) per token, [b, t, 2]: what a sublayer gets under document masking."""
+    return jnp.stack([positions_bt, documents_bt], axis=-1).astype(jnp.int32)
+
+
+def split_positions(positions):
+    """[b, t] positions -> (positions, None); [b, t, 2] (position, document) -> (positions, documents)."""
+    if positions.ndim == 3:
+        return positions[..., 0], positions[..., 1]
+    return positions, None
+
+
 def _attention_impl(cfg: ModelConfig, dtype) -> str | None:
     if cfg.attention == "auto":
         on_gpu = jax.default_backend() == "gpu"
@@ -132,19 +147,25 @@ class Attention(nnx.Module):
         return jnp.einsum("btnh,nhd->btd", heads_btnh, self.wo[...].astype(heads_btnh.dtype))
 
     def __call__(self, x_btd, positions_bt, kv: KVSource | None = None):
-        """Causal attention of the queries `x_btd` at `positions_bt`.
+        """Causal attention of the queries `x_btd` at `positions_bt` ([b, t], or [b, t, 2] with
+        documents: then a query sees only keys of its own document, through the boolean mask).
 
-        Without `kv` the keys/values are the queries' own tokens in order (the fast `is_causal`
-        path). With it, keys/values come from `kv.x_btd` (default: the queries' tokens), causal by
+        Without `kv` or documents the keys/values are the queries' own tokens in order (the fast
+        `is_causal` path). With it, keys/values come from `kv.x_btd` (default: the queries' tokens), causal by
         position, and `kv.valid_bt` masks out tokens that give no K/V.
         """
+        positions_bt, documents_bt = split_positions(positions_bt)
         q = self.queries(x_btd, positions_bt)
         other = kv is not None and kv.x_btd is not None
         src, src_pos = (kv.x_btd, kv.positions_bt) if other else (x_btd, positions_bt)
+        src_pos, src_documents = split_positions(src_pos) if other else (src_pos, documents_bt)
         k, v = self.keys_values(src, src_pos)
-        if kv is not None:
+        if kv is not None or documents_bt is not None:
+            # causal by position; within one document positions are monotone even when they restart
             mask = src_pos[:, None, None, :] <= positions_bt[:, None, :, None]  # [b, 1, q, k]
-            if kv.valid_bt is not None:
+            if documents_bt is not None:
+                mask = mask & (src_documents[:, None, None, :] == documents_bt[:, None, :, None])
+            if kv is not None and kv.valid_bt is not None:
                 mask = mask & kv.valid_bt[:, None, None, :]
             out = jax.nn.dot_product_attention(q, k, v, mask=mask)
         else:

@@ -17,6 +17,7 @@ import optax
 from flax import nnx
 
 from nagjax.config import ModelConfig, TrainConfig
+from nagjax.model.layers import document_positions
 from nagjax.model.mod import MoDPolicy
 from nagjax.model.mod.thresholds import init_thresholds, update_thresholds
 from nagjax.model.residual.base import StepContext
@@ -71,11 +72,19 @@ def token_loss(model, state: dict, targets_bt, loss_chunk_tokens: int = 0):
     return token_losses(model.logits, model.stream.head_inputs(state), targets_bt, chunk)
 
 
+def batch_positions(batch: dict):
+    """The positions a batch asks for: (position, document) per token [b, t, 2] when it carries
+    documents (`data.document_mask`, nagjax/data/pipeline.py), else None (0..t-1, no masking)."""
+    if "documents" not in batch:
+        return None
+    return document_positions(batch["positions"], batch["documents"])
+
+
 def train_loss(graphdef: nnx.GraphDef, params, batch: dict, step, routing,
                loss_chunk_tokens: int = 0) -> tuple[jax.Array, dict]:
     """Mean next-token cross-entropy of a training batch and the model's per-sublayer stats."""
     model = nnx.merge(graphdef, params)
-    state, stats = model.forward(batch["inputs"], ctx=StepContext(step=step, routing=routing))
+    state, stats = model.forward(batch["inputs"], batch_positions(batch), ctx=StepContext(step=step, routing=routing))
     return jnp.mean(token_loss(model, state, batch["targets"], loss_chunk_tokens)), stats
 
 
@@ -148,7 +157,7 @@ def make_steps(graphdef: nnx.GraphDef, cfg: ModelConfig, optimizer: optax.Gradie
         token; docs §2.3), any other densely."""
         model = nnx.merge(graphdef, params)
         ctx = StepContext(routing=policy.eval_routing(aux))
-        state, stats = model.forward(batch["inputs"], ctx=ctx)
+        state, stats = model.forward(batch["inputs"], batch_positions(batch), ctx=ctx)
         losses = token_loss(model, state, batch["targets"], train.loss_chunk_tokens)
         return (losses, stats) if with_stats else losses
 
@@ -157,7 +166,8 @@ def make_steps(graphdef: nnx.GraphDef, cfg: ModelConfig, optimizer: optax.Gradie
         out = {"loss_sum": jnp.sum(losses), "count": jnp.asarray(losses.size, jnp.float32)}
         if skipping:  # the training-time top-k over whole sequences: a diagnostic, not causal
             model = nnx.merge(graphdef, params)
-            state, _ = model.forward(batch["inputs"], ctx=StepContext(routing=policy.train_routing()))
+            state, _ = model.forward(batch["inputs"], batch_positions(batch),
+                                     ctx=StepContext(routing=policy.train_routing()))
             out["loss_topk_sum"] = jnp.sum(token_loss(model, state, batch["targets"], train.loss_chunk_tokens))
             out["skip_rate"] = stats["skip_rate"]
         return out
