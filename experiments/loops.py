@@ -59,15 +59,16 @@ def loop_quickstart() -> Config:
 @sweep
 def loop_tiny() -> IsoFlopSweep:
     """CPU, ~20-30 min on 2 cores: Pre-LN and NAG at unique depth 4, unique depth 2 and 2 blocks x 2 passes
-    (cycle and block order), plus NAG + MoD r=0.25 on the looped stack; d=64, one FLOP budget, one learning
-    rate (6e-3, the best of every variant in mod_tiny at this width and batch) x 2 seeds."""
+    (cycle and block order), plus NAG + MoD r=0.25 on the looped stack; d=64, one FLOP budget, 3 LRs x 2 seeds
+    (the grid is centred on 6e-3, the best rate of every variant of mod_tiny at this width and batch)."""
     base = Config(
         model=ModelConfig(residual="nag", d_model=64, depth=4, n_heads=2),
         data=DataConfig(seq_len=64, batch_size=8, vocab_size=4096),
         optim=OptimConfig(lr=6e-3, warmup_steps=20),
         train=TrainConfig(eval_batches=8, log_every=10, progress_bar=False),
     )
-    return IsoFlopSweep(base=base, budget_flops=6e11, variants=_loop_variants(4, (2,)), lrs=(6e-3,), seeds=2,
+    return IsoFlopSweep(base=base, budget_flops=6e11, variants=_loop_variants(4, (2,)), lrs=(3e-3, 6e-3, 1.2e-2),
+                        seeds=2,
                         description="tiny CPU iso-FLOP sweep of looped vs unique depth on the embedded corpus")
 
 
