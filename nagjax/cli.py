@@ -280,6 +280,10 @@ def cmd_analyze(args) -> int:
         blocks = run["blocks"]
         print(f"{run['workdir']} ({run['residual']}, step {run['step']}): loss {run['loss']:.4f}; final "
               f"stream RMS {run['sublayers']['stream_rms'][-1][-1]:.3g}")
+        if run.get("repeat", 1) > 1:
+            print("  per pass: " + "; ".join(
+                f"pass {p['pass']}: update ratio {p['update_ratio']:.3g}"
+                + (f", skip rate {p['skip_rate']:.3f}" if "skip_rate" in p else "") for p in run["passes"]))
         if "skip_loss_increase" in blocks:
             print("  loss increase when skipping each block: "
                   + ", ".join(f"{v:+.4f}" for v in blocks["skip_loss_increase"]))

@@ -189,3 +189,19 @@ def test_kv_cache_decoding_of_a_looped_stack_matches_the_full_forward(threshold)
         logits, _ = model(jnp.asarray([seq]), ctx=ctx)
         seq.append(int(jnp.argmax(logits[0, -1])))
     assert out.tokens[0] == seq[3:]
+
+
+def test_the_microscope_observes_every_executed_pass():
+    from nagjax.analysis.diagnostics import per_pass, trace
+
+    cfg = make_tiny_model(residual="nag", depth=2, repeat=2)
+    model = build_model(cfg, seed=1)
+    keep = np.ones(4)
+    keep[3] = 0  # skip block 1's second pass
+    logits, sub, blk = trace(model, _tokens(), keep)
+    assert sub["update_ratio"].shape == (4, 2) and blk["block_cosine"].shape == (4,)
+    assert float(blk["block_cosine"][3]) == pytest.approx(1.0)
+    skip = np.array([[0.0, 0.0], [0.2, 0.4], [0.5, 0.5], [0.6, 0.8]])
+    passes = per_pass(cfg, {"update_ratio": np.asarray(sub["update_ratio"])}, skip)
+    assert [p["positions"] for p in passes] == [[0, 1], [2, 3]]
+    assert passes[1]["skip_rate"] == pytest.approx(0.6) and passes[0]["skip_rate_mlp"] == pytest.approx(0.2)
