@@ -205,3 +205,48 @@ def test_the_microscope_observes_every_executed_pass():
     passes = per_pass(cfg, {"update_ratio": np.asarray(sub["update_ratio"])}, skip)
     assert [p["positions"] for p in passes] == [[0, 1], [2, 3]]
     assert passes[1]["skip_rate"] == pytest.approx(0.6) and passes[0]["skip_rate_mlp"] == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize("residual", ["lns", "nag"])
+def test_export_writes_the_executed_sequence(residual, tmp_path):
+    """A looped LNS exports as a plain Llama of its executed layers (shared weights once per
+    executed layer, the LNS factor from the executed position); NAG through the remote code, each
+    executed layer with its pass's own gates."""
+    import math
+
+    from safetensors.numpy import load_file
+
+    from conftest import TINY_RUN
+    from nagjax.analysis.diagnostics import load_run
+    from nagjax.cli import main
+    from nagjax.train.checkpoint import CheckpointStore
+    from nagjax.train.state import training_state
+    from nagjax.train.trainer import resolve
+
+    cfg = resolve(apply_overrides(Config(), [*TINY_RUN, f"model.residual={residual}", "model.repeat=2",
+                                             "model.repeat_order=block"]))
+    rng = np.random.default_rng(7)
+    state = jax.tree.map(lambda a: (rng.standard_normal(a.shape) * 0.1 + 1).astype(a.dtype)
+                         if a.dtype.kind == "f" else np.zeros(a.shape, a.dtype), training_state(cfg).abstract)
+    store = CheckpointStore(tmp_path / "run" / "checkpoints")
+    store.save(1, state, {}, cfg.to_dict())
+    store.close()
+    assert main(["export", "--workdir", str(tmp_path / "run"), "--out", str(tmp_path / "hf")]) == 0
+    import json
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    tensors = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    params = load_run(tmp_path / "run").params
+    rows = executed_blocks(cfg.model)  # [0, 0, 1, 1]
+    assert config["num_hidden_layers"] == 4
+    for p, b in enumerate(rows):
+        if residual == "lns":
+            np.testing.assert_array_equal(tensors[f"model.layers.{p}.self_attn.q_proj.weight"],
+                                          np.asarray(params["blocks"]["attn"]["wq"][b]).reshape(32, -1).T)
+            gain = np.asarray(params["blocks"]["residual"]["norms"][0]["scale"][b])
+            np.testing.assert_allclose(tensors[f"model.layers.{p}.input_layernorm.weight"],
+                                       gain / math.sqrt(p + 1), rtol=1e-6)
+        else:
+            np.testing.assert_array_equal(tensors[f"layers.{p}.attn.wq"], np.asarray(params["blocks"]["attn"]["wq"][b]))
+            np.testing.assert_array_equal(tensors[f"layers.{p}.residual.alpha"],
+                                          np.asarray(params["pass_residuals"]["alpha"][p]))
+            assert config["block_ids"] == [0, 1, 2, 3]

@@ -6,6 +6,10 @@ folder) with weights under nagjax's own names and layouts: `layers.<i>.<path>` f
 parameters (taper stages flattened), and the top-level ones (`embed`, `head`, `stream.*`) as they
 are. The modelling file is the same for every scheme; `config.residual` picks its stream and
 block residual. It runs every sublayer (Mixture-of-Depths thresholds are not exported).
+
+A looped stack (`model.repeat`) is exported unrolled: `layers.<p>` for executed position p holds
+its block's shared weights and its pass's own residual parameters, and `block_ids` the executed
+positions (AttnRes's source slots), so the same modelling file runs the loop.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from nagjax.config import ModelConfig
-from nagjax.export.layers import flat, per_block
+from nagjax.export.layers import flat, per_executed
 from nagjax.export.registry import register_exporter
 from nagjax.model.residual.attnres import n_sources
 
@@ -22,8 +26,8 @@ CODE_FILES = ("configuration_nagjax.py", "modeling_nagjax.py")
 
 def remote_code_export(cfg: ModelConfig, params: dict) -> tuple[dict, dict]:
     """(config.json dict, {tensor name: float32 array}) for the nagjax modelling code."""
-    blocks = per_block(cfg, params)
-    tensors = flat({k: v for k, v in params.items() if k not in ("blocks", "stages")})
+    blocks = per_executed(cfg, params)
+    tensors = flat({k: v for k, v in params.items() if k not in ("blocks", "stages", "pass_residuals")})
     for i, b in enumerate(blocks):
         tensors.update(flat(b, f"layers.{i}."))
     config = {
@@ -34,12 +38,13 @@ def remote_code_export(cfg: ModelConfig, params: dict) -> tuple[dict, dict]:
         "residual": cfg.residual,
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.d_model,
-        "num_hidden_layers": cfg.depth,
+        "num_hidden_layers": cfg.executed_depth,
         "num_attention_heads": cfg.n_heads,
         "num_key_value_heads": cfg.kv_heads,
         "head_dim": cfg.head_dim,
         "mlp_widths": [int(b["mlp"]["w_gate"].shape[1]) for b in blocks],
-        "block_ids": cfg.block_index_list,
+        "block_ids": cfg.executed_index_list,
+        "repeat": cfg.repeat,  # informational: the layers are the executed (unrolled) sequence
         "rope_theta": cfg.rope_theta,
         "norm_eps": cfg.norm_eps,
         "nag_eps": cfg.nag.eps,
