@@ -75,3 +75,14 @@ def labels(cfg: ModelConfig) -> list[str]:
     if not is_looped(cfg):
         return [str(i) for i in cfg.block_index_list]
     return [f"{e.block}.{e.pass_}" for e in executed(cfg)]
+
+
+def describe(cfg: ModelConfig) -> str:
+    """`4 blocks` or `2 blocks x 2 passes (cycle) = 4 executed`: the stack in words."""
+    if not is_looped(cfg):
+        return f"{cfg.depth} blocks"
+    start, stop = cfg.repeat_group
+    group = "" if (start, stop) == (0, cfg.depth) else f" of blocks {start}:{stop}"
+    shared = ", shared residual" if cfg.repeat_share_residual else ""
+    return (f"{cfg.depth} blocks, x{cfg.repeat} passes{group} ({cfg.repeat_order} order{shared}) = "
+            f"{cfg.executed_depth} executed")
