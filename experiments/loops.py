@@ -1,4 +1,4 @@
-"""Parameter-shared repetition (docs/methods.md §7): looped depth against unique depth, and NAG +
+"""Parameter-shared repetition (docs/methods.md §9): looped depth against unique depth, and NAG +
 Mixture-of-Depths on a looped stack (a router-free mixture of recursions), under one FLOP counter.
 
 Every variant of a sweep trains on the same budget of training FLOPs (iso-FLOP, methods §6), and

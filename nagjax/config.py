@@ -148,7 +148,7 @@ class ModelConfig:
     # Original index of each block, comma-separated ("" = 0..depth-1). `nagjax prune` sets it so a
     # pruned model keeps each block's index-dependent behaviour (LNS factor, AttnRes source slots).
     block_ids: str = ""
-    # Parameter-shared repetition (docs/methods.md §7, nagjax/model/loops.py): the blocks run `repeat`
+    # Parameter-shared repetition (docs/methods.md §9, nagjax/model/loops.py): the blocks run `repeat`
     # times with shared attention/MLP weights. `repeat_order`: cycle = 1..L, 1..L, ...; block = each
     # block `repeat` times in a row (MobileLLM). `repeat_blocks` = "START:STOP" (0-based, STOP
     # exclusive; "" = the whole stack) repeats only that contiguous group, the rest runs once. The

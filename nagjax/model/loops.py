@@ -1,4 +1,4 @@
-"""Parameter-shared repetition (docs/methods.md §7): the executed sequence of a looped stack.
+"""Parameter-shared repetition (docs/methods.md §9): the executed sequence of a looped stack.
 
 `model.repeat = R` runs the blocks of the repeated group (`model.repeat_blocks`, the whole stack by
 default) R times with shared attention/MLP weights, in `model.repeat_order`:
