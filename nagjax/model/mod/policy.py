@@ -46,6 +46,7 @@ class Routing:
     config: ModConfig | None = None  # which sublayers may skip, the exempt blocks, the K/V rule, r
     mode: Literal["dense", "topk", "threshold"] = "dense"
     # Thresholds of "threshold" mode (execute iff signal >= tau): [depth, 2] by position in the stack
+    # (a looped stack, model.repeat > 1: by executed position, [executed depth, 2]; model/loops.py)
     # (as the training EMA writes them); `Transformer.run_blocks` hands each block its row [2].
     tau: Any = None
     quantile_rates: tuple[float, ...] = ()  # report these quantiles of the signal (calibration)
