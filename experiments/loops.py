@@ -58,7 +58,7 @@ def loop_quickstart() -> Config:
 
 @sweep
 def loop_tiny() -> IsoFlopSweep:
-    """CPU, ~20-30 min on 2 cores: Pre-LN and NAG at unique depth 4, unique depth 2 and 2 blocks x 2 passes
+    """CPU, ~40 min on 2 shared cores: Pre-LN and NAG at unique depth 4, unique depth 2 and 2 blocks x 2 passes
     (cycle and block order), plus NAG + MoD r=0.25 on the looped stack; d=64, one FLOP budget, 3 LRs x 2 seeds
     (the grid is centred on 6e-3, the best rate of every variant of mod_tiny at this width and batch)."""
     base = Config(
