@@ -212,12 +212,16 @@ def cmd_sample(args) -> int:
                    top_k=args.top_k, seed=args.seed, thresholds=thresholds, real_skip=not args.no_skip)
     for prompt, text in zip(args.prompt, out.texts):
         print(prompt + text)
-    print(sample_report(out, step=run.step, source=source, real_skip=not args.no_skip), file=sys.stderr)
+    from nagjax.model.loops import labels
+
+    print(sample_report(out, step=run.step, source=source, real_skip=not args.no_skip,
+                        labels=labels(run.config.model) if run.config.model.repeat > 1 else None), file=sys.stderr)
     return 0
 
 
-def sample_report(out, *, step: int, source: str, real_skip: bool) -> str:
-    """The latency dial's read-out of one `nagjax sample` (nagjax/infer/sample.py: Generation)."""
+def sample_report(out, *, step: int, source: str, real_skip: bool, labels: list[str] | None = None) -> str:
+    """The latency dial's read-out of one `nagjax sample` (nagjax/infer/sample.py: Generation);
+    `labels`: one per executed block (a looped stack: `block.pass`)."""
     rows = len(out.tokens)
     how = "skipped sublayers not computed" if real_skip else "every sublayer computed, skipped updates discarded"
     lines = [
@@ -232,8 +236,12 @@ def sample_report(out, *, step: int, source: str, real_skip: bool) -> str:
         f"{out.flops_per_token / out.dense_flops_per_token:.2f}x)",
     ]
     if out.eligible.any():
-        per = " ".join(f"{a:.2f}/{m:.2f}" for a, m in out.skip_rate_by_sublayer)
-        lines.append(f"[nagjax] skip rate per block (attn/mlp): {per}")
+        if labels is None:
+            per = " ".join(f"{a:.2f}/{m:.2f}" for a, m in out.skip_rate_by_sublayer)
+            lines.append(f"[nagjax] skip rate per block (attn/mlp): {per}")
+        else:
+            per = " ".join(f"{k}:{a:.2f}/{m:.2f}" for k, (a, m) in zip(labels, out.skip_rate_by_sublayer))
+            lines.append(f"[nagjax] skip rate per executed block.pass (attn/mlp): {per}")
     return "\n".join(lines)
 
 
@@ -306,6 +314,10 @@ def cmd_analyze(args) -> int:
         blocks = run["blocks"]
         print(f"{run['workdir']} ({run['residual']}, step {run['step']}): loss {run['loss']:.4f}; final "
               f"stream RMS {run['sublayers']['stream_rms'][-1][-1]:.3g}")
+        if run.get("repeat", 1) > 1:
+            print("  per pass: " + "; ".join(
+                f"pass {p['pass']}: update ratio {p['update_ratio']:.3g}"
+                + (f", skip rate {p['skip_rate']:.3f}" if "skip_rate" in p else "") for p in run["passes"]))
         if "skip_loss_increase" in blocks:
             print("  loss increase when skipping each block: "
                   + ", ".join(f"{v:+.4f}" for v in blocks["skip_loss_increase"]))

@@ -24,6 +24,7 @@ from nagjax.analysis import hlo
 from nagjax.config import Config, ConfigError
 from nagjax.model import build_model
 from nagjax.model.layers import compute_dtype_name
+from nagjax.model.loops import describe as describe_stack
 from nagjax.train.state import training_state
 
 # Cloud TPU slice names (cores for v4/v5p, chips for v5e/v6e) -> jax topology names.
@@ -161,7 +162,7 @@ def compile_report(config: Config, topology: str) -> str:
     lines = [
         f"nagjax compile: {cfg.name} for {target.name} ({target.description})",
         f"mesh: {', '.join(f'{k}={v}' for k, v in mesh.shape.items())}",
-        f"model: {m.residual}, {m.depth} blocks, d_model={m.d_model}, {m.n_heads} heads, "
+        f"model: {m.residual}, {describe_stack(m)}, d_model={m.d_model}, {m.n_heads} heads, "
         f"d_ff={m.mlp_width}, vocab={m.vocab_size}, {n_params / 1e9:.3f}B parameters; "
         f"compute {m.compute_dtype}, remat={m.remat}",
         f"batch: {cfg.data.batch_size} x {cfg.data.seq_len} tokens "
@@ -181,7 +182,7 @@ def compile_report(config: Config, topology: str) -> str:
         lines.append(f"  activations + temporaries   {_gib(temp)}   (XLA temp buffers)")
         if m.remat == "full":
             b_local = cfg.data.batch_size // batch_ways
-            saved = m.depth * b_local * cfg.data.seq_len * _stream_bytes_per_token(m)
+            saved = m.executed_depth * b_local * cfg.data.seq_len * _stream_bytes_per_token(m)
             lines.append(f"    of which saved block inputs (remat=full, estimate) {_gib(saved)}")
         unaliased_out = max(mem.output_size_in_bytes - mem.alias_size_in_bytes, 0)
         total = mem.argument_size_in_bytes + temp + unaliased_out + mem.generated_code_size_in_bytes

@@ -148,6 +148,16 @@ class ModelConfig:
     # Original index of each block, comma-separated ("" = 0..depth-1). `nagjax prune` sets it so a
     # pruned model keeps each block's index-dependent behaviour (LNS factor, AttnRes source slots).
     block_ids: str = ""
+    # Parameter-shared repetition (docs/methods.md §9, nagjax/model/loops.py): the blocks run `repeat`
+    # times with shared attention/MLP weights. `repeat_order`: cycle = 1..L, 1..L, ...; block = each
+    # block `repeat` times in a row (MobileLLM). `repeat_blocks` = "START:STOP" (0-based, STOP
+    # exclusive; "" = the whole stack) repeats only that contiguous group, the rest runs once. The
+    # scheme's per-pass parameters (its registry entry's `per_pass`) are one set per executed
+    # position unless `repeat_share_residual`. repeat=1 is the plain stack.
+    repeat: int = 1
+    repeat_order: Literal["cycle", "block"] = "cycle"
+    repeat_blocks: str = ""
+    repeat_share_residual: bool = False
 
     def __post_init__(self):
         # A canonical form (one entry per scheme, defaults dropped, sorted), so that equal configs
@@ -187,6 +197,26 @@ class ModelConfig:
     @property
     def block_index_list(self) -> list[int]:
         return _int_list(self.block_ids) if self.block_ids else list(range(self.depth))
+
+    @property
+    def repeat_group(self) -> tuple[int, int]:
+        """(start, stop) of the blocks that repeat (`model.repeat_blocks`; the whole stack by default)."""
+        if not self.repeat_blocks:
+            return 0, self.depth
+        start, stop = (int(v) for v in self.repeat_blocks.replace(" ", "").split(":"))
+        return start, stop
+
+    @property
+    def executed_depth(self) -> int:
+        """Blocks executed per forward pass: depth + (repeat - 1) x the repeated group's size."""
+        start, stop = self.repeat_group
+        return self.depth + (self.repeat - 1) * (stop - start)
+
+    @property
+    def executed_index_list(self) -> list[int]:
+        """The index each executed block hands its residual scheme (LNS factor, AttnRes slots): the
+        original block index without repetition (`block_ids`), else the executed position."""
+        return self.block_index_list if self.repeat == 1 else list(range(self.executed_depth))
 
     @property
     def head_dim(self) -> int:
@@ -242,6 +272,18 @@ class ModelConfig:
                    f"taper=custom needs {self.depth} positive comma-separated widths (got {self.taper_widths!r})")
         _check(len(ids) == self.depth and len(set(ids)) == len(ids) and ids == sorted(ids) and ids[0] >= 0,
                f"{prefix}.block_ids", f"must be {self.depth} increasing block indices >= 0 (got {self.block_ids!r})")
+        _check(self.repeat >= 1, f"{prefix}.repeat", f"must be >= 1 (1 = every block once; got {self.repeat})")
+        _check(self.repeat_order in ("cycle", "block"), f"{prefix}.repeat_order",
+               f"must be cycle or block (got {self.repeat_order!r})")
+        try:
+            start, stop = self.repeat_group
+        except ValueError:
+            raise ConfigError(f"{prefix}.repeat_blocks: expected START:STOP block indices, e.g. 1:3 "
+                              f"(got {self.repeat_blocks!r})") from None
+        _check(0 <= start < stop <= self.depth, f"{prefix}.repeat_blocks",
+               f"must be START:STOP with 0 <= START < STOP <= model.depth={self.depth} (got {self.repeat_blocks!r})")
+        _check(self.repeat == 1 or not self.block_ids, f"{prefix}.block_ids",
+               "a pruned stack (block_ids) cannot repeat (model.repeat > 1)")
 
 
 @dataclass(frozen=True)

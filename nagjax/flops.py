@@ -6,6 +6,8 @@ Conventions (also in the README):
     embedding lookup is not a matmul; the LM head is.
   * Causal attention counts half of the dense T x T work (`causal_fraction=0.5`, as MaxText); pass
     `causal_fraction=1.0` to count what a dense-mask implementation actually executes.
+  * A looped stack (`model.repeat`, nagjax/model/loops.py) counts every executed position: a block
+    run R times costs R blocks of FLOPs (its parameters count once, `count_params`).
   * Per-token row work that is not a matmul is what each residual scheme declares in its registry
     entry (norms and adds, NAG's fused update and modulator, AttnRes mixing); Mixture-of-Depths'
     executed fractions, K/V rule and selection cost are what `MoDPolicy` answers (nagjax/model/mod/).
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from nagjax.config import ModConfig, ModelConfig
+from nagjax.model.loops import executed_blocks
 from nagjax.model.mod import MoDPolicy, selection_flops
 from nagjax.model.residual import get_scheme
 from nagjax.model.taper import block_widths
@@ -60,13 +63,19 @@ def block_mlp_widths(cfg: ModelConfig) -> list[int]:
     return block_widths(cfg)
 
 
+def executed_mlp_widths(cfg: ModelConfig) -> list[int]:
+    """MLP hidden width per executed position (a looped block once per pass)."""
+    widths = block_widths(cfg)
+    return [widths[b] for b in executed_blocks(cfg)]
+
+
 def forward_breakdown(cfg: ModelConfig, seq_len: int, *, causal_fraction: float = 0.5,
                       mod: ModConfig | None = None, executed=None) -> FlopBreakdown:
     """Forward FLOPs per token (averaged over the sequence) at context length `seq_len`.
 
     Counts executed work only. `mod` gives the training-time Mixture-of-Depths fractions (k/T per
     skipping sublayer, plus top-k, gather and scatter), as `MoDPolicy.of(cfg, mod)` answers them;
-    `executed` ([depth, 2] fractions, e.g. measured at inference thresholds) overrides them and
+    `executed` ([executed depth, 2] fractions, e.g. measured at inference thresholds) overrides them and
     adds no gather/scatter. The skip signal
     (a scheme's row work) always runs on every token. Under the K/V rule `mod.kv == "kept"`
     skipped tokens give no K/V (K/V projections and scores shrink with the kept share); with "all"
@@ -82,7 +91,7 @@ def forward_breakdown(cfg: ModelConfig, seq_len: int, *, causal_fraction: float 
     kv = 2.0 * 2 * d * cfg.kv_heads * hd
     scores = 2 * 2 * seq_len * cfg.n_heads * hd * causal_fraction  # QK^T and AV, all tokens
     attn_m = attn_s = mlp = resid = 0.0
-    for (fa, fm), width in zip(frac, block_mlp_widths(cfg)):
+    for (fa, fm), width in zip(frac, executed_mlp_widths(cfg), strict=True):
         attn_m += qo * fa + kv * (fa if kv_follows else 1.0)
         attn_s += scores * (fa * fa if kv_follows else fa)
         mlp += 2.0 * 3 * d * width * fm

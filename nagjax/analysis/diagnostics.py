@@ -17,6 +17,12 @@ magnitude, the accumulated gradient norm (CascadeFlow score, `aux["block_grad_no
 validation loss when the block is skipped. Skipping = the block's output is discarded (its
 residual update is the identity; AttnRes: its outputs are never written), which is exactly what
 `nagjax prune` computes with the block removed.
+
+A looped stack (`model.repeat`, nagjax/model/loops.py) is observed per executed (block, pass):
+sublayer quantities, block influence and skip losses are [executed depth] (skipping one pass of a
+block), weight magnitude and gradient norm per block; `passes` summarises each pass (mean update
+ratio over its blocks' sublayers and, for a run that trains with Mixture-of-Depths, the skip rate
+under its trained thresholds), so a user sees which loops tokens actually use.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from flax import nnx
 from nagjax.config import Config, config_from_dict
 from nagjax.data import pipeline
 from nagjax.model import StepContext
+from nagjax.model import loops
 from nagjax.model import mod as modlib
 from nagjax.model.residual import get_scheme
 from nagjax.model.transformer import block_stacks_of
@@ -108,13 +115,14 @@ def _row_cos(a, b):
 
 
 def trace(model, tokens_bt, keep=None):
-    """Run `model` densely, observing every sublayer. `keep` [depth] (0/1, may be traced) skips
-    blocks: a skipped block's output is discarded.
+    """Run `model` densely, observing every sublayer. `keep` [executed depth] (0/1, may be traced)
+    skips executed blocks: a skipped block's output is discarded.
 
-    Returns (logits, per-sublayer dict of [depth, 2, ...] arrays, per-block dict of [depth])."""
+    Returns (logits, per-sublayer dict of [executed depth, 2, ...] arrays, per-executed-block dict
+    of [executed depth]); the executed depth is the depth without repetition."""
     vector = model.stream.residual_vector
     own = get_scheme(model.cfg.residual).microscope
-    keep = jnp.ones((model.cfg.depth,), jnp.float32) if keep is None else jnp.asarray(keep, jnp.float32)
+    keep = jnp.ones((model.cfg.executed_depth,), jnp.float32) if keep is None else jnp.asarray(keep, jnp.float32)
 
     def observed_block(block, state, positions, block_index, ctx, keep_block):
         rows: dict[str, list] = {}
@@ -154,7 +162,7 @@ def _traced_fn(graphdef):
 
 def evaluate(run: Run, batches, keep=None) -> tuple[float, dict, dict]:
     """(mean loss, mean per-sublayer stats, mean per-block stats) over `batches`."""
-    depth = run.config.model.depth
+    depth = run.config.model.executed_depth
     keep = jnp.ones((depth,), jnp.float32) if keep is None else jnp.asarray(keep, jnp.float32)
     fn = _traced_fn(run.graphdef)
     losses, subs, blks = [], [], []
@@ -177,6 +185,34 @@ def weight_magnitude(run: Run) -> np.ndarray:
     return np.asarray(out)
 
 
+def trained_skip_rates(run: Run, batches) -> np.ndarray | None:
+    """[executed depth, 2] skip rate under the run's trained thresholds (causal), or None when the
+    run does not train with Mixture-of-Depths (the model's policy decides)."""
+    model = run.model()
+    routing = model.mod_policy.eval_routing(run.state["aux"])
+    if not routing.skips:
+        return None
+    fn = jax.jit(lambda params, x: nnx.merge(run.graphdef, params)(x, ctx=StepContext(routing=routing))[1]["skip_rate"])
+    return np.mean([np.asarray(fn(run.params, jnp.asarray(b["inputs"]))) for b in batches], axis=0)
+
+
+def per_pass(cfg, sublayers: dict, skip_rate: np.ndarray | None) -> list[dict]:
+    """Per pass k of a looped stack: its executed blocks and the mean update ratio (and skip rate)
+    over their sublayers; one entry (pass 0, every block) without repetition."""
+    seq = loops.executed(cfg)
+    out = []
+    for k in range(cfg.repeat):
+        rows = [e.position for e in seq if e.pass_ == k]
+        entry = {"pass": k, "positions": rows,
+                 "update_ratio": float(np.mean(np.asarray(sublayers["update_ratio"])[rows]))}
+        if skip_rate is not None:
+            entry["skip_rate"] = float(np.mean(skip_rate[rows]))
+            entry["skip_rate_attention"] = float(np.mean(skip_rate[rows, 0]))
+            entry["skip_rate_mlp"] = float(np.mean(skip_rate[rows, 1]))
+        out.append(entry)
+    return out
+
+
 def microscope(run: Run, batches, *, skip_losses: bool = True) -> dict:
     """Every per-layer quantity of the module docstring, as plain lists (JSON-ready)."""
     cfg = run.config.model
@@ -190,8 +226,13 @@ def microscope(run: Run, batches, *, skip_losses: bool = True) -> dict:
         "depth": cfg.depth,
         "step": run.step,
         "block_ids": cfg.block_index_list,
+        # executed blocks (= the blocks without repetition): index, block, pass, "block.pass" label
+        "repeat": cfg.repeat,
+        "positions": cfg.executed_index_list,
+        "executed_blocks": loops.executed_blocks(cfg),
+        "executed_labels": loops.labels(cfg),
         "loss": loss,
-        "sublayers": {k: np.asarray(v).tolist() for k, v in sub.items()},  # [depth, 2, ...]
+        "sublayers": {k: np.asarray(v).tolist() for k, v in sub.items()},  # [executed depth, 2, ...]
         "blocks": {
             "block_influence": (1.0 - cos).tolist(),
             "angular_distance": (np.arccos(cos) / np.pi).tolist(),
@@ -199,10 +240,14 @@ def microscope(run: Run, batches, *, skip_losses: bool = True) -> dict:
             "grad_norm_sum": np.asarray(run.state["aux"]["block_grad_norm_sum"]).tolist(),
         },
     }
+    skip_rate = trained_skip_rates(run, batches)
+    if skip_rate is not None:
+        out["sublayers"]["skip_rate"] = skip_rate.tolist()
+    out["passes"] = per_pass(cfg, out["sublayers"], skip_rate)
     if skip_losses:
         skipped = []
-        for i in range(cfg.depth):
-            keep = np.ones(cfg.depth)
+        for i in range(cfg.executed_depth):
+            keep = np.ones(cfg.executed_depth)
             keep[i] = 0
             skipped.append(evaluate(run, batches, keep)[0])
         out["blocks"]["skip_loss"] = skipped

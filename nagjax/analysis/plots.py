@@ -65,10 +65,11 @@ def plot_all(micros: list[dict], out_dir: str | Path) -> list[Path]:
             continue
         fig, ax = plt.subplots(figsize=(6.4, 4.0))
         for m in runs:
-            ids = np.asarray(m["block_ids"])
+            ids = np.asarray(m.get("positions", m["block_ids"]))  # executed blocks of a looped stack
             x = np.stack([2 * ids + 1, 2 * ids + 2], axis=1).reshape(-1)
             ax.plot(x, np.asarray(m["sublayers"][key]).reshape(-1), marker="o", ms=3, label=_label(m))
-        ax.set_xlabel("sublayer (odd: attention, even: MLP)")
+        ax.set_xlabel("sublayer (odd: attention, even: MLP)"
+                      + ("; executed order of the looped stack" if any(m.get("repeat", 1) > 1 for m in runs) else ""))
         ax.set_title(title, fontsize=10)
         if log:
             ax.set_yscale("log")
@@ -83,15 +84,32 @@ def plot_all(micros: list[dict], out_dir: str | Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(6.4, 4.0))
         width = 0.8 / len(runs)
         for j, m in enumerate(runs):
-            ids = np.asarray(m["block_ids"], float)
+            # per executed block (block influence, skip loss) or per block (weights, gradients)
+            positions = m.get("positions", m["block_ids"])
+            ids = np.asarray(positions if len(m["blocks"][key]) == len(positions) else m["block_ids"], float)
             ax.bar(ids + (j - (len(runs) - 1) / 2) * width, m["blocks"][key], width=width, label=_label(m))
-        ax.set_xlabel("block")
+        ax.set_xlabel("block (looped stacks: executed block for influence and skip loss)")
         ax.set_title(title, fontsize=10)
         if log:
             ax.set_yscale("log")
         ax.grid(alpha=0.3, axis="y")
         ax.legend(fontsize=8)
         save(fig, key)
+
+    looped = [m for m in micros if m.get("repeat", 1) > 1]
+    for key, title in (("update_ratio", "mean relative update per pass of the looped stack"),
+                       ("skip_rate", "MoD skip rate per pass (trained thresholds)")):
+        runs = [m for m in looped if key in m["passes"][0]]
+        if not runs:
+            continue
+        fig, ax = plt.subplots(figsize=(6.4, 4.0))
+        for m in runs:
+            ax.plot([p["pass"] for p in m["passes"]], [p[key] for p in m["passes"]], marker="o", label=_label(m))
+        ax.set_xlabel("pass")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        save(fig, f"passes_{key}")
 
     for key, s in own.items():
         if not s.heatmap:

@@ -1,4 +1,6 @@
-"""Per-block parameters of a trained model as numpy, in block order (taper stages flattened)."""
+"""Per-block parameters of a trained model as numpy, in block order (taper stages flattened), and
+per executed block of a looped stack (`model.repeat`): block b's shared weights once per pass,
+with that pass's own residual parameters where the scheme has them per pass."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import numpy as np
 from flax import nnx
 
 from nagjax.config import ModelConfig
+from nagjax.model.loops import executed_blocks
 from nagjax.model.transformer import block_stacks_of
 
 
@@ -30,4 +33,18 @@ def flat(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
     for k, v in tree.items():
         key = f"{prefix}{k}"
         out.update(flat(v, key + ".") if isinstance(v, dict) else {key: np.array(v, order="C")})
+    return out
+
+
+def per_executed(cfg: ModelConfig, params: dict) -> list[dict]:
+    """One nested dict per executed block (= `per_block` without repetition): a looped stack's
+    block b at every position that runs it, its `residual` the position's own (`pass_residuals`)
+    when the scheme's residual is per pass."""
+    blocks = per_block(cfg, params)
+    out = []
+    for position, b in enumerate(executed_blocks(cfg)):
+        layer = dict(blocks[b])
+        if "pass_residuals" in params:
+            layer["residual"] = jax.tree.map(lambda x, p=position: x[p], params["pass_residuals"])
+        out.append(layer)
     return out

@@ -6,6 +6,10 @@ projections as [d, heads, head_dim] / [heads, head_dim, d] and MLP matrices as [
 Linear weights are [out, in], hence the reshapes and transposes. LNS multiplies the output of both
 pre-norms of block i by 1/sqrt(i + 1) (i the original block index, `model.block_ids`): folded
 exactly into those norms' gains, since RMSNorm(x) * g * c = RMSNorm(x) * (g c).
+
+A looped stack (`model.repeat`) exports as the plain Llama of its executed sequence: the shared
+weights of block b are written once per executed layer that runs it, and LNS's factor comes from
+the executed position, as in the looped forward.
 """
 
 from __future__ import annotations
@@ -16,13 +20,13 @@ import math
 import numpy as np
 
 from nagjax.config import ConfigError, ModelConfig
-from nagjax.export.layers import per_block
+from nagjax.export.layers import per_executed
 from nagjax.export.registry import register_exporter
 
 
 def llama_export(cfg: ModelConfig, params: dict, *, layernorm_scaling: bool) -> tuple[dict, dict]:
     """(config.json dict, {tensor name: float32 array}) of a Pre-LN / LNS model."""
-    blocks = per_block(cfg, params)
+    blocks = per_executed(cfg, params)
     widths = {b["mlp"]["w_gate"].shape[1] for b in blocks}
     if len(widths) != 1:
         raise ConfigError(f"model.taper={cfg.taper!r}: per-block MLP widths {sorted(widths)} do not fit "
@@ -32,7 +36,7 @@ def llama_export(cfg: ModelConfig, params: dict, *, layernorm_scaling: bool) -> 
                "model.norm.weight": params["stream"]["final_norm"]["scale"]}
     if not cfg.tie_embeddings:
         tensors["lm_head.weight"] = params["head"]
-    for i, (block_id, b) in enumerate(zip(cfg.block_index_list, blocks)):
+    for i, (block_id, b) in enumerate(zip(cfg.executed_index_list, blocks, strict=True)):
         factor = 1.0 / math.sqrt(block_id + 1) if layernorm_scaling else 1.0
         attn, mlp, norms = b["attn"], b["mlp"], b["residual"]["norms"]
         p = f"model.layers.{i}."
@@ -53,7 +57,7 @@ def llama_export(cfg: ModelConfig, params: dict, *, layernorm_scaling: bool) -> 
         "vocab_size": cfg.vocab_size,
         "hidden_size": d,
         "intermediate_size": widths.pop(),
-        "num_hidden_layers": cfg.depth,
+        "num_hidden_layers": cfg.executed_depth,
         "num_attention_heads": h,
         "num_key_value_heads": kv,
         "head_dim": hd,

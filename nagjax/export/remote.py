@@ -8,6 +8,11 @@ are. The modelling file is the same for every scheme; `config.residual` picks it
 block residual. It honours padding masks and keeps a KV cache; the trained Mixture-of-Depths
 thresholds of a run that trained with MoD are added by hf.py (`mod_config`), and the modelling code
 routes and skips with them.
+
+A looped stack (`model.repeat`) is exported unrolled: `layers.<p>` for executed position p holds
+its block's shared weights and its pass's own residual parameters, and `block_ids` the executed
+positions (AttnRes's source slots), so the same modelling file runs the loop (thresholds, like the
+layers, are per executed position).
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from nagjax.config import ModelConfig
-from nagjax.export.layers import flat, per_block
+from nagjax.export.layers import flat, per_executed
 from nagjax.export.registry import register_exporter
 from nagjax.model.residual.attnres import n_sources
 
@@ -24,8 +29,8 @@ CODE_FILES = ("configuration_nagjax.py", "modeling_nagjax.py")
 
 def remote_code_export(cfg: ModelConfig, params: dict) -> tuple[dict, dict]:
     """(config.json dict, {tensor name: float32 array}) for the nagjax modelling code."""
-    blocks = per_block(cfg, params)
-    tensors = flat({k: v for k, v in params.items() if k not in ("blocks", "stages")})
+    blocks = per_executed(cfg, params)
+    tensors = flat({k: v for k, v in params.items() if k not in ("blocks", "stages", "pass_residuals")})
     for i, b in enumerate(blocks):
         tensors.update(flat(b, f"layers.{i}."))
     config = {
@@ -36,12 +41,13 @@ def remote_code_export(cfg: ModelConfig, params: dict) -> tuple[dict, dict]:
         "residual": cfg.residual,
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.d_model,
-        "num_hidden_layers": cfg.depth,
+        "num_hidden_layers": cfg.executed_depth,
         "num_attention_heads": cfg.n_heads,
         "num_key_value_heads": cfg.kv_heads,
         "head_dim": cfg.head_dim,
         "mlp_widths": [int(b["mlp"]["w_gate"].shape[1]) for b in blocks],
-        "block_ids": cfg.block_index_list,
+        "block_ids": cfg.executed_index_list,
+        "repeat": cfg.repeat,  # informational: the layers are the executed (unrolled) sequence
         "rope_theta": cfg.rope_theta,
         "norm_eps": cfg.norm_eps,
         "nag_eps": cfg.nag.eps,

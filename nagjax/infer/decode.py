@@ -59,7 +59,7 @@ def forward_cached(model, blocks: list, cache: list, tokens_bt, positions_bt, li
 
     (state, cache), counts = model.run_blocks(
         model.encode(tokens_bt), positions_bt, StepContext(routing=routing), call=call,
-        per_block=np.arange(model.cfg.depth), side=cache, blocks=blocks)
+        per_block=np.arange(model.cfg.executed_depth), side=cache, blocks=blocks)
     return state, cache, counts
 
 
@@ -139,7 +139,7 @@ def generation_fn(graphdef: nnx.GraphDef, *, thresholds: bool, skip_compute: boo
         key, sub = jax.random.split(key)
         first = sample_tokens(logits_bv, sub, temperature, top_k)
         tokens = jnp.full((b, max_new_tokens), -1, jnp.int32).at[:, 0].set(first)
-        depth = model.cfg.depth
+        depth = model.cfg.executed_depth
         counts = {"executed": jnp.zeros((depth, 2), jnp.int32), "ran": jnp.zeros((depth, 2), jnp.int32),
                   "tokens": jnp.zeros((), jnp.int32)}
 

@@ -20,7 +20,7 @@ from nagjax.model.layers import KVSource
 def init_cache(cfg, batch: int, max_len: int, dtype) -> list[dict]:
     shape = (batch, cfg.kv_heads, max_len, cfg.head_dim)
     return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
-             "valid": jnp.zeros((batch, max_len), bool)} for _ in range(cfg.depth)]
+             "valid": jnp.zeros((batch, max_len), bool)} for _ in range(cfg.executed_depth)]
 
 
 class CachedAttention:

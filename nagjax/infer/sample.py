@@ -114,10 +114,10 @@ def generate_ids(graphdef: nnx.GraphDef, params, prompts: Sequence[Sequence[int]
     if use_thresholds:
         policy.require_signal("generation with thresholds")
         tau = jnp.asarray(thresholds, jnp.float32)
-        if tau.shape != (cfg.depth, 2):
-            raise ValueError(f"generate: thresholds must be [depth, 2] = {(cfg.depth, 2)}, got {tau.shape}")
+        if tau.shape != (cfg.executed_depth, 2):
+            raise ValueError(f"generate: thresholds must be [depth, 2] = {(cfg.executed_depth, 2)}, got {tau.shape}")
     else:
-        tau = jnp.zeros((cfg.depth, 2), jnp.float32)
+        tau = jnp.zeros((cfg.executed_depth, 2), jnp.float32)
     lengths = [len(p) for p in prompts]
     width = max(lengths) if pad_to is None else pad_to
     if width < max(lengths):
@@ -152,8 +152,8 @@ def generate_ids(graphdef: nnx.GraphDef, params, prompts: Sequence[Sequence[int]
     generated = [[int(t) for t in row if t >= 0] for row in out]
     steps, counts = int(steps), jax.device_get(counts)
     decode_tokens = int(counts["tokens"])
-    executed = counts["executed"] / decode_tokens if decode_tokens else np.ones((cfg.depth, 2))
-    ran = counts["ran"] / steps if steps else np.ones((cfg.depth, 2))
+    executed = counts["executed"] / decode_tokens if decode_tokens else np.ones((cfg.executed_depth, 2))
+    ran = counts["ran"] / steps if steps else np.ones((cfg.executed_depth, 2))
     prefill_executed = np.asarray(pre_counts["executed"]) / sum(lengths)
     # attention context of an average decoded token (positions are 0-based)
     context = float(np.mean([n + k for n, row in zip(lengths, generated) for k in range(1, len(row))] or [width]))
@@ -169,7 +169,7 @@ def generate_ids(graphdef: nnx.GraphDef, params, prompts: Sequence[Sequence[int]
         skip_rate_by_sublayer=1.0 - executed, prefill_skip_rate_by_sublayer=1.0 - prefill_executed,
         ran_by_sublayer=ran, eligible=policy.eligible_sublayers(routing),
         flops_per_token=fwd(executed), computed_flops_per_token=fwd(ran),
-        dense_flops_per_token=fwd(np.ones((cfg.depth, 2))),
+        dense_flops_per_token=fwd(np.ones((cfg.executed_depth, 2))),
     )
 
 

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nagjax.config import ModConfig, ModelConfig
-from nagjax.model import taper
+from nagjax.model import loops, taper
 from nagjax.model.layers import ATTENTION, MLP, Attention, SwiGLU, compute_dtype, normal, param
 from nagjax.model.mod import MoDPolicy, Routing
 from nagjax.model.residual import get_scheme
@@ -48,10 +48,13 @@ Observer = Callable[[int, State, State, dict], None]
 class Block(nnx.Module):
     """Attention then MLP, each wrapped by the scheme's residual update."""
 
-    def __init__(self, cfg: ModelConfig, block_index, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, block_index, *, rngs: nnx.Rngs, residual: bool = True):
+        """`residual` False: the block's residual module lives outside it, one per executed pass
+        (a looped stack, loops.py); `Transformer.run_blocks` sets it before each call."""
         self.attn = Attention(cfg, rngs=rngs)
         self.mlp = SwiGLU(cfg, rngs=rngs)
-        self.residual = get_scheme(cfg.residual).block_residual(cfg, block_index, rngs=rngs)
+        if residual:
+            self.residual = get_scheme(cfg.residual).block_residual(cfg, block_index, rngs=rngs)
 
     def sublayers(self, attention: Sublayer | None = None) -> tuple[tuple[int, Sublayer], ...]:
         """(slot, sublayer) in execution order; every sublayer is called `f(x, positions, kv=None)`.
@@ -71,15 +74,28 @@ class Block(nnx.Module):
         return state, {k: jnp.stack([s[k] for s in per_slot]) for k in per_slot[0]}
 
 
-def block_stack(cfg: ModelConfig, block_ids, rngs: nnx.Rngs) -> nnx.Module:
+def block_stack(cfg: ModelConfig, block_ids, rngs: nnx.Rngs, *, residual: bool = True) -> nnx.Module:
     """Blocks with parameters stacked on a leading `layers` axis (the model, or one taper stage)."""
 
     @nnx.split_rngs(splits=len(block_ids))
     @nnx.vmap(in_axes=(0, 0), out_axes=0)
     def make(rngs, block_index):
-        return Block(cfg, block_index, rngs=rngs)
+        return Block(cfg, block_index, rngs=rngs, residual=residual)
 
     return make(rngs, jnp.asarray(block_ids))
+
+
+def residual_stack(cfg: ModelConfig, positions, rngs: nnx.Rngs) -> nnx.Module:
+    """One block residual per executed position of a looped stack, stacked on a leading `layers`
+    axis (initialised as the residual of block `position` of an unrolled stack)."""
+    scheme = get_scheme(cfg.residual)
+
+    @nnx.split_rngs(splits=len(positions))
+    @nnx.vmap(in_axes=(0, 0), out_axes=0)
+    def make(rngs, position):
+        return scheme.block_residual(cfg, position, rngs=rngs)
+
+    return make(rngs, jnp.asarray(positions))
 
 
 def stack_paths(cfg: ModelConfig) -> list[tuple[tuple, int]]:
@@ -120,12 +136,20 @@ class Transformer(nnx.Module):
         if not cfg.tie_embeddings:
             self.head = param(rngs, normal(cfg.init_std), (cfg.vocab_size, cfg.d_model), ("vocab", "embed"))
         self.stream = scheme.stream(cfg, rngs=rngs)
+        loops.check(cfg)
+        # a looped stack (model.repeat > 1) with the scheme's per-pass residual: one residual
+        # module per executed position (`pass_residuals`), the blocks hold attention and MLP only
+        self.per_pass = loops.per_pass_residual(cfg, scheme.per_pass)
+        in_block = not self.per_pass
         if cfg.taper == "none":
-            self.blocks = block_stack(cfg, cfg.block_index_list, rngs)
+            self.blocks = block_stack(cfg, cfg.block_index_list, rngs, residual=in_block)
         else:  # CascadeFormer: one stacked, scanned stage per run of equal MLP widths (taper.py)
             self.stages = nnx.List([
-                block_stack(taper.stage_config(cfg, st), st.block_ids, rngs) for st in taper.stages(cfg)
+                block_stack(taper.stage_config(cfg, st), st.block_ids, rngs, residual=in_block)
+                for st in taper.stages(cfg)
             ])
+        if self.per_pass:
+            self.pass_residuals = residual_stack(cfg, list(range(cfg.executed_depth)), rngs)
 
     def head_table(self):
         return self.embed[...] if self.cfg.tie_embeddings else self.head[...]
@@ -191,11 +215,45 @@ class Transformer(nnx.Module):
                 pieces.append((graphdef, params, ids[lo:hi], (lo, hi), seg_ctx))
         return pieces
 
-    def block_params(self) -> list:
+    def loop_pieces(self, ctx: StepContext):
+        """A looped stack's scans (loops.py): (graphdef, whole stack params, rows of the executed
+        blocks in that stack [n], (lo, hi) executed positions, ctx), cut where the executed
+        sequence changes stack or Mixture-of-Depths segment (segments count executed positions)."""
+        seq = loops.executed(self.cfg)
+        stacks = self.split_stacks()
+        starts = [start for start, _, _, _ in stacks]
+
+        def stack_of(block: int) -> int:
+            return max(i for i, start in enumerate(starts) if start <= block)
+
+        pieces = []
+        for start, stop, routing in self.mod_policy.segments(self.routing(ctx)):
+            seg_ctx = dataclasses.replace(ctx, routing=routing)
+            lo = start
+            while lo < stop:
+                s = stack_of(seq[lo].block)
+                hi = lo
+                while hi < stop and stack_of(seq[hi].block) == s:
+                    hi += 1
+                stack_start, graphdef, params, _ = stacks[s]
+                rows = jnp.asarray([seq[p].block - stack_start for p in range(lo, hi)], jnp.int32)
+                pieces.append((graphdef, params, rows, (lo, hi), seg_ctx))
+                lo = hi
+        return pieces
+
+    def block_params(self):
         """Every block's parameters on their own (slices of the stacks), in block order: the
-        `blocks` of `run_blocks`."""
-        return [jax.tree.map(lambda x, j=j: x[j], params)
-                for _, _, params, n in self.split_stacks() for j in range(n)]
+        `blocks` of `run_blocks`. A looped stack: (that list, the per-pass residuals' parameters
+        per executed position, or None when the residual is the block's)."""
+        per_block = [jax.tree.map(lambda x, j=j: x[j], params)
+                     for _, _, params, n in self.split_stacks() for j in range(n)]
+        if not loops.is_looped(self.cfg):
+            return per_block
+        residuals = None
+        if self.per_pass:
+            _, res_params = nnx.split(self.pass_residuals)
+            residuals = [jax.tree.map(lambda x, p=p: x[p], res_params) for p in range(self.cfg.executed_depth)]
+        return per_block, residuals
 
     def run_blocks(self, state: State, positions_bt=None, ctx: StepContext | None = None, *,
                    call=None, per_block=None, side=None, blocks=None):
@@ -220,9 +278,7 @@ class Transformer(nnx.Module):
         if side is not None:
             state = (state, side)
 
-        def body(graphdef, carry, xs, seg_ctx):
-            params, block_index, extra, tau = xs
-            block = nnx.merge(graphdef, params)
+        def run(block, carry, block_index, extra, tau, seg_ctx):
             # batch-sharded stream
             carry = constrain_stream(carry) if side is None else (constrain_stream(carry[0]), carry[1])
             if tau is not None:  # this block's thresholds [2] (rows follow stack positions)
@@ -231,6 +287,12 @@ class Transformer(nnx.Module):
                 return block(carry, positions_bt, block_index, seg_ctx)
             return call(block, carry, positions_bt, block_index, seg_ctx, extra)
 
+        def body(graphdef, carry, xs, seg_ctx):
+            params, block_index, extra, tau = xs
+            return run(nnx.merge(graphdef, params), carry, block_index, extra, tau, seg_ctx)
+
+        if loops.is_looped(self.cfg):
+            return self._run_looped(state, ctx, per_block, run, blocks)
         if blocks is not None:
             return self._run_unstacked(blocks, state, ctx, per_block, body)
         outputs = []
@@ -243,6 +305,64 @@ class Transformer(nnx.Module):
             xs = (params, block_ids, extra, None if tau is None else jnp.asarray(tau, jnp.float32)[lo:hi])
             if self.cfg.scan_unroll > 1 and self.cfg.scan_unroll >= len(block_ids):  # a full unroll
                 state, ys = _unrolled_scan(body_fn, state, xs, len(block_ids))
+            else:
+                state, ys = jax.lax.scan(body_fn, state, xs, unroll=self.cfg.scan_unroll)
+            outputs.append(ys)
+        if len(outputs) == 1:
+            return state, outputs[0]
+        return state, jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *outputs)
+
+    def _run_looped(self, state, ctx: StepContext, per_block, run, blocks):
+        """`run_blocks` on a looped stack: one scan step per executed position, which gathers its
+        block's shared weights from the stack by row (so the gradient of a shared weight is the sum
+        over its passes) and takes its per-pass residual parameters as scanned input; the residual
+        sees the executed position as its block index. `blocks` (from `block_params`): one executed
+        block after another, as `_run_unstacked`."""
+        res_graphdef = res_params = None
+        if self.per_pass:
+            res_graphdef, res_params = nnx.split(self.pass_residuals)
+
+        def assemble(graphdef, params, res):
+            block = nnx.merge(graphdef, params)
+            if res is not None:
+                block.residual = nnx.merge(res_graphdef, res)
+            return block
+
+        def tau_of(routing, lo, hi=None):
+            if routing.tau is None:
+                return None
+            tau = jnp.asarray(routing.tau, jnp.float32)
+            return tau[lo] if hi is None else tau[lo:hi]
+
+        if blocks is not None:
+            block_list, res_list = blocks
+            seq = loops.executed(self.cfg)
+            graphdefs = [graphdef for _, graphdef, _, n in self.split_stacks() for _ in range(n)]
+            ys = []
+            for start, stop, routing in self.mod_policy.segments(self.routing(ctx)):
+                seg_ctx = dataclasses.replace(ctx, routing=routing)
+                for p in range(start, stop):
+                    b = seq[p].block
+                    block = assemble(graphdefs[b], block_list[b], None if res_list is None else res_list[p])
+                    extra = None if per_block is None else jax.tree.map(lambda x, p=p: x[p], per_block)
+                    state, y = run(block, state, jnp.int32(p), extra, tau_of(routing, p), seg_ctx)
+                    ys.append(y)
+            return state, jax.tree.map(lambda *xs: jnp.stack(xs), *ys)
+
+        outputs = []
+        for graphdef, stack_params, rows, (lo, hi), seg_ctx in self.loop_pieces(ctx):
+            def body_fn(carry, xs, graphdef=graphdef, stack_params=stack_params, seg_ctx=seg_ctx):
+                row, position, res, extra, tau = xs
+                params = jax.tree.map(lambda x: x[row], stack_params)  # the shared weights of this pass
+                return run(assemble(graphdef, params, res), carry, position, extra, tau, seg_ctx)
+
+            if self.cfg.remat != "none":
+                body_fn = jax.checkpoint(body_fn, policy=REMAT_POLICIES[self.cfg.remat])
+            res = None if res_params is None else jax.tree.map(lambda x, a=lo, b=hi: x[a:b], res_params)
+            extra = None if per_block is None else jax.tree.map(lambda x, a=lo, b=hi: x[a:b], per_block)
+            xs = (rows, jnp.arange(lo, hi, dtype=jnp.int32), res, extra, tau_of(seg_ctx.routing, lo, hi))
+            if self.cfg.scan_unroll > 1 and self.cfg.scan_unroll >= hi - lo:  # a full unroll
+                state, ys = _unrolled_scan(body_fn, state, xs, hi - lo)
             else:
                 state, ys = jax.lax.scan(body_fn, state, xs, unroll=self.cfg.scan_unroll)
             outputs.append(ys)

@@ -44,7 +44,7 @@ def init_aux(cfg: ModelConfig) -> dict:
         # CascadeFlow score (docs/methods.md §5): sum over steps of each block's gradient norm.
         "block_grad_norm_sum": jnp.zeros((cfg.depth,), jnp.float32),
         # Mixture-of-Depths inference thresholds (§2.3), updated while training skips.
-        **init_thresholds(cfg.depth),
+        **init_thresholds(cfg.executed_depth),
         # Bad-step counters and the loss's running mean (guard.py).
         "guard": guard_lib.init_guard(),
     }

@@ -29,6 +29,7 @@ from nagjax.config import Config, ConfigError, config_from_dict
 from nagjax.data import mixture, pipeline
 from nagjax.interrupts import Interrupted, StopSignal
 from nagjax.model.layers import compute_dtype_name
+from nagjax.model.loops import describe as describe_stack
 from nagjax.model.taper import describe
 from nagjax.train.checkpoint import CheckpointStore, abstract_like, restore_agreed, write_json_atomic
 from nagjax.train.logging import ScalarWriter, layer_scalars
@@ -291,7 +292,7 @@ class Trainer:
         tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
         device_kind = jax.devices()[0].device_kind
         if step == 0:
-            print(f"[nagjax] {cfg.name}: {cfg.model.residual}, {cfg.model.depth} blocks, d={cfg.model.d_model}, "
+            print(f"[nagjax] {cfg.name}: {cfg.model.residual}, {describe_stack(cfg.model)}, d={cfg.model.d_model}, "
                   f"{self.n_params / 1e6:.2f}M params, {self.flops_per_token / 1e6:.1f} MFLOP/token (train), "
                   f"{tc.steps} steps x {tokens_per_step} tokens -> {self.workdir}", flush=True)
             if cfg.model.taper != "none":

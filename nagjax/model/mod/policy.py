@@ -46,6 +46,7 @@ class Routing:
     config: ModConfig | None = None  # which sublayers may skip, the exempt blocks, the K/V rule, r
     mode: Literal["dense", "topk", "threshold"] = "dense"
     # Thresholds of "threshold" mode (execute iff signal >= tau): [depth, 2] by position in the stack
+    # (a looped stack, model.repeat > 1: by executed position, [executed depth, 2]; model/loops.py)
     # (as the training EMA writes them); `Transformer.run_blocks` hands each block its row [2].
     tau: Any = None
     quantile_rates: tuple[float, ...] = ()  # report these quantiles of the signal (calibration)
@@ -127,11 +128,11 @@ class MoDPolicy:
 
     def segments(self, routing: Routing) -> list[tuple[int, int, Routing]]:
         """The model's blocks cut into runs scanned together under `routing` (module `segments`)."""
-        return segments(self.model.depth, routing)
+        return segments(self.model.executed_depth, routing)
 
     def eligible_sublayers(self, routing: Routing) -> np.ndarray:
         """[depth, 2] bool: the model's sublayers that may skip under `routing`."""
-        return eligible_sublayers(self.model.depth, routing)
+        return eligible_sublayers(self.model.executed_depth, routing)
 
     def trained_thresholds(self, aux: dict):
         """The thresholds [depth, 2] a run trained, or None when it did not train with MoD."""
@@ -178,7 +179,7 @@ class MoDPolicy:
         if not self.signal or dense:
             return None, "none (dense)"
         if rate == 0:
-            return np.full((self.model.depth, 2), -np.inf), "r=0 (every token executes)"
+            return np.full((self.model.executed_depth, 2), -np.inf), "r=0 (every token executes)"
         if rate is not None:
             return calibrate(rate), f"calibrated for r={rate:g} on validation data"
         tau = self.trained_thresholds(aux)
@@ -208,14 +209,14 @@ class MoDPolicy:
             if len(rates) != 1:
                 raise ValueError("calibration under skipping takes one rate per pass")
             return Routing(config=self.mod, mode="threshold", quantile_rates=tuple(rates), self_calibrating=True)
-        return self.threshold_routing(jnp.full((self.model.depth, 2), -jnp.inf), rates)
+        return self.threshold_routing(jnp.full((self.model.executed_depth, 2), -jnp.inf), rates)
 
     # -- FLOP accounting ------------------------------------------------------------------------
 
     def executed_fractions(self, seq_len: int) -> np.ndarray:
         """[depth, 2] share of tokens that run each sublayer under top-k training (k/T), else 1."""
         if not self.skipping:
-            return np.ones((self.model.depth, 2))
+            return np.ones((self.model.executed_depth, 2))
         return accounting.executed_fractions(self.eligible_sublayers(self.train_routing()), seq_len, self.mod)
 
     @property

@@ -60,7 +60,7 @@ class AttnResConfig(SchemeOptions):
 
 def n_sources(cfg: ModelConfig) -> int:
     """Slots of the source buffer: the embedding + one per block of S sublayers."""
-    sublayers = 2 * (max(cfg.block_index_list) + 1)
+    sublayers = 2 * (max(cfg.executed_index_list) + 1)  # executed positions on a looped stack
     return 1 + math.ceil(sublayers / cfg.attnres.block_size)
 
 

@@ -117,6 +117,12 @@ class Scheme:
     # The scheme's own hyperparameters: a frozen `SchemeOptions` dataclass defined beside the
     # scheme, the config group `model.<name>` (read as `cfg.<name>`); None: no options.
     options: type[SchemeOptions] | None = None
+    # Parameter-shared repetition (`model.repeat > 1`, nagjax/model/loops.py): whether the block
+    # residual's parameters are per executed pass (one set per executed position, unless
+    # `model.repeat_share_residual`) or belong to the block and are shared by its passes like its
+    # attention and MLP weights. Index-derived behaviour (LNS's factor, AttnRes's source slots)
+    # always follows the executed position.
+    per_pass: bool = True
 
 
 SCHEMES: dict[str, Scheme] = {}

@@ -74,7 +74,10 @@ def sublayer_row_flops(cfg: ModelConfig, executed: float) -> float:
 def _scheme(name: str, description: str, layernorm_scaling: bool) -> Scheme:
     return Scheme(name=name, description=description, stream=PreNormStream,
                   block_residual=functools.partial(PreNormResidual, layernorm_scaling=layernorm_scaling),
-                  sublayer_row_flops=sublayer_row_flops)
+                  sublayer_row_flops=sublayer_row_flops,
+                  # the pre-norm gains are block weights, shared by the passes (as MobileLLM); the
+                  # LNS factor is not a parameter and comes from the executed position
+                  per_pass=False)
 
 
 PRENORM = _scheme("prenorm", "Pre-LN baseline: x <- x + F(Norm(x))", layernorm_scaling=False)
