@@ -12,7 +12,9 @@ overrides it implies and its tensors under nagjax's names, stacked over blocks
   NAG folds each pre-norm gain into the input rows of the sublayer it feeds (its sublayers read the
   unit-RMS direction, which is what RMSNorm hands them) and starts its gates, modulator, encoder
   gain and head gain fresh, and has no final norm; AttnRes keeps the norms and the final norm and
-  starts its depth routers fresh (docs/methods.md, "Importing").
+  starts its depth routers fresh (docs/methods.md, "Importing"). Each scheme's rule is registered
+  beside its exporter (`register_llama_import` in export/registry.py; llama.py, remote.py), so a new
+  scheme adds its own without touching this file.
 * `nagjax` (the remote-code export of NAG and AttnRes): every tensor and, for a run trained with
   Mixture-of-Depths, its thresholds, back where they came from (exact).
 
@@ -28,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import pathlib
 import tempfile
 from typing import Callable
@@ -42,6 +43,7 @@ from nagjax.config import Config, ConfigError, apply_overrides
 from nagjax.data import corpus, mixture, pipeline
 from nagjax.data.build import build_shards
 from nagjax.data.tokenizer import load_tokenizer
+from nagjax.export.registry import llama_import_for
 from nagjax.model.mod import MoDPolicy
 from nagjax.registry import get_experiment, load_experiments
 from nagjax.train.checkpoint import CheckpointStore
@@ -122,12 +124,9 @@ def llama_import(hf: dict, tensors: dict, residual: str | None) -> tuple[list[st
                  f"model.norm_eps={hf.get('rms_norm_eps', 1e-6)}", f"model.tie_embeddings={str(tied).lower()}"]
     if block_ids != list(range(depth)):
         overrides.append("model.block_ids=" + ",".join(map(str, block_ids)))
+    into = llama_import_for(residual)  # where the scheme puts the norm gains (export/registry.py)
     L = "model.layers.{}."
-    # A Llama gain is what LNS applies times its factor 1/sqrt(block_id + 1) (folded in at export):
-    # into LNS the factor is divided out, so the model stays the same function
-    factor = np.array([1 / math.sqrt(b + 1) if residual == "lns" else 1.0 for b in block_ids], np.float32)
-    norms = [_stack(tensors, L + n + ".weight", depth) / factor[:, None]
-             for n in ("input_layernorm", "post_attention_layernorm")]
+    norms = [_stack(tensors, L + n + ".weight", depth) for n in ("input_layernorm", "post_attention_layernorm")]
     out = {
         "embed": tensors["model.embed_tokens.weight"],
         "blocks.attn.wq": _stack(tensors, L + "self_attn.q_proj.weight", depth, lambda w: w.T.reshape(d, h, hd)),
@@ -140,25 +139,13 @@ def llama_import(hf: dict, tensors: dict, residual: str | None) -> tuple[list[st
     }
     if not tied:
         out["head"] = tensors.get("lm_head.weight", tensors["model.embed_tokens.weight"])
-    final = tensors["model.norm.weight"]
-    if residual == "nag":  # no pre-norms: each gain scales the rows of the matrices it fed
-        for name in ("wq", "wk", "wv"):
-            out[f"blocks.attn.{name}"] = out[f"blocks.attn.{name}"] * norms[0][:, :, None, None]
-        for name in ("w_gate", "w_up"):
-            out[f"blocks.mlp.{name}"] = out[f"blocks.mlp.{name}"] * norms[1][:, :, None]
-    else:  # prenorm, lns, attnres: the pre-norms are there (LNS: its factor is applied at run time)
-        out["blocks.residual.norms.0.scale"], out["blocks.residual.norms.1.scale"] = norms
-        out["stream.final_norm.scale"] = final
-    if residual not in ("prenorm", "lns", "nag", "attnres"):
-        raise ConfigError(f"import: model.residual={residual!r}: importing a Llama into it is not defined "
-                          "(prenorm, lns, nag, attnres)")
-    return overrides, out, {}
+    return overrides, into(out, norms, tensors["model.norm.weight"], block_ids), {}
 
 
 def nagjax_import(hf: dict, tensors: dict, residual: str | None) -> tuple[list[str], dict, dict]:
     """A nagjax remote-code export (NAG, AttnRes) -> its own parameters, exactly."""
     saved = hf.get("residual")
-    if residual not in (None, saved):
+    if residual is not None and saved != residual:
         raise ConfigError(f"import: this export is model.residual={saved!r}; it imports as itself only "
                           f"(got model.residual={residual!r}; import a Pre-LN/Llama folder to change scheme)")
     depth, d, h = hf["num_hidden_layers"], hf["hidden_size"], hf["num_attention_heads"]

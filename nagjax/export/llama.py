@@ -21,7 +21,7 @@ import numpy as np
 
 from nagjax.config import ConfigError, ModelConfig
 from nagjax.export.layers import per_executed
-from nagjax.export.registry import register_exporter
+from nagjax.export.registry import register_exporter, register_llama_import
 
 
 def llama_export(cfg: ModelConfig, params: dict, *, layernorm_scaling: bool) -> tuple[dict, dict]:
@@ -76,3 +76,21 @@ def llama_export(cfg: ModelConfig, params: dict, *, layernorm_scaling: bool) -> 
 
 register_exporter("prenorm", functools.partial(llama_export, layernorm_scaling=False))
 register_exporter("lns", functools.partial(llama_export, layernorm_scaling=True))
+
+
+def prenorm_from_llama(out: dict, norms: list, final, block_ids: list) -> dict:
+    """Pre-LN is Llama: the pre-norm gains and the final norm as they are (the same function)."""
+    del block_ids
+    return {**out, "blocks.residual.norms.0.scale": norms[0], "blocks.residual.norms.1.scale": norms[1],
+            "stream.final_norm.scale": final}
+
+
+def lns_from_llama(out: dict, norms: list, final, block_ids: list) -> dict:
+    """A Llama gain is what LNS applies times its factor 1/sqrt(block_id + 1) (folded in at export):
+    the factor is divided out, so the model stays the same function."""
+    factor = np.array([1 / math.sqrt(b + 1) for b in block_ids], np.float32)[:, None]
+    return prenorm_from_llama(out, [n / factor for n in norms], final, block_ids)
+
+
+register_llama_import("prenorm", prenorm_from_llama)
+register_llama_import("lns", lns_from_llama)

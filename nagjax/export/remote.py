@@ -21,7 +21,8 @@ import numpy as np
 
 from nagjax.config import ModelConfig
 from nagjax.export.layers import flat, per_executed
-from nagjax.export.registry import register_exporter
+from nagjax.export.llama import prenorm_from_llama
+from nagjax.export.registry import register_exporter, register_llama_import
 from nagjax.model.residual.attnres import n_sources
 
 CODE_FILES = ("configuration_nagjax.py", "modeling_nagjax.py")
@@ -64,3 +65,20 @@ def remote_code_export(cfg: ModelConfig, params: dict) -> tuple[dict, dict]:
 
 register_exporter("nag", remote_code_export)
 register_exporter("attnres", remote_code_export)
+
+
+def nag_from_llama(out: dict, norms: list, final, block_ids: list) -> dict:
+    """NAG has no pre-norms: each gain scales the input rows of the matrices it fed (its sublayers
+    read the unit-RMS direction, which is what RMSNorm hands them); its gates, modulator, encoder and
+    head gains start fresh, and it has no final norm."""
+    del final, block_ids
+    out = dict(out)
+    for name in ("wq", "wk", "wv"):
+        out[f"blocks.attn.{name}"] = out[f"blocks.attn.{name}"] * norms[0][:, :, None, None]
+    for name in ("w_gate", "w_up"):
+        out[f"blocks.mlp.{name}"] = out[f"blocks.mlp.{name}"] * norms[1][:, :, None]
+    return out
+
+
+register_llama_import("nag", nag_from_llama)
+register_llama_import("attnres", prenorm_from_llama)  # the norms and final norm kept; depth routers fresh
