@@ -193,3 +193,27 @@ def test_import_a_transformers_llama(residual, tmp_path):
     diff = float(np.abs(ours - theirs).max())
     print(f"LlamaForCausalLM -> nagjax {residual}: max |logit difference| = {diff:.3g}")
     assert diff < 1e-4
+
+
+# Looped stacks (model.repeat) export unrolled: Pre-LN/LNS as a plain Llama with the shared weights
+# written once per executed layer, NAG/AttnRes through the remote code with per-pass residuals.
+LOOPED = {"lns": ["model.repeat=2", "model.repeat_order=block"],
+          "nag": ["model.depth=3", "model.repeat=2", "model.repeat_blocks=1:3"],
+          "attnres": ["model.repeat=2", "model.attnres.block_size=3"]}
+
+
+@pytest.mark.parametrize("residual", sorted(LOOPED))
+def test_a_looped_stack_exports_with_the_logits_of_its_loop(residual, tmp_path):
+    cfg = saved_run(residual, tmp_path / "run", LOOPED[residual])
+    assert main(["export", "--workdir", str(tmp_path / "run"), "--out", str(tmp_path / "hf")]) == 0
+    run = load_run(tmp_path / "run")
+    tokens = np.random.default_rng(3).integers(0, cfg.model.vocab_size, (2, 16))
+    expected = np.asarray(nnx.merge(run.graphdef, run.params)(jax.numpy.asarray(tokens))[0])
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(tmp_path / "hf"), trust_remote_code=residual != "lns", dtype=torch.float32).eval()
+    assert model.config.num_hidden_layers == cfg.model.executed_depth > cfg.model.depth
+    with torch.no_grad():
+        got = model(torch.as_tensor(tokens)).logits.numpy()
+    print(f"looped {residual}: max |logit difference| = {np.max(np.abs(got - expected)):.3g}")
+    assert np.abs(expected).max() > 1.0
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
