@@ -18,13 +18,17 @@ Exporter = Callable[[ModelConfig, dict], tuple[dict, dict]]
 EXPORTERS: dict[str, Exporter] = {}
 
 
+def _register(table: dict, scheme: str, fn, what: str):
+    existing = table.get(scheme)
+    if existing is not None and existing is not fn:
+        raise ValueError(f"residual scheme {scheme!r} already has {what} ({existing})")
+    table[scheme] = fn
+    return fn
+
+
 def register_exporter(scheme: str, exporter: Exporter) -> Exporter:
     """Make `nagjax export --format hf` write scheme `scheme` with `exporter`."""
-    existing = EXPORTERS.get(scheme)
-    if existing is not None and existing is not exporter:
-        raise ValueError(f"residual scheme {scheme!r} already has a Hugging Face exporter ({existing})")
-    EXPORTERS[scheme] = exporter
-    return exporter
+    return _register(EXPORTERS, scheme, exporter, "a Hugging Face exporter")
 
 
 def exporter_for(scheme: str) -> Exporter:
@@ -45,11 +49,7 @@ LLAMA_INTO: dict[str, LlamaInto] = {}
 def register_llama_import(scheme: str, into: LlamaInto) -> LlamaInto:
     """Make `nagjax import` of a Llama folder able to initialise scheme `scheme` (`into` places the
     norm gains; every other Llama tensor whose shape fits carries over as it is)."""
-    existing = LLAMA_INTO.get(scheme)
-    if existing is not None and existing is not into:
-        raise ValueError(f"residual scheme {scheme!r} already has a Llama import rule ({existing})")
-    LLAMA_INTO[scheme] = into
-    return into
+    return _register(LLAMA_INTO, scheme, into, "a Llama import rule")
 
 
 def llama_import_for(scheme: str) -> LlamaInto:

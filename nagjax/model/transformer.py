@@ -297,20 +297,21 @@ class Transformer(nnx.Module):
             return self._run_unstacked(blocks, state, ctx, per_block, body)
         outputs = []
         for graphdef, params, block_ids, (lo, hi), seg_ctx in self.scan_pieces(ctx):
-            body_fn = functools.partial(body, graphdef, seg_ctx=seg_ctx)
-            if self.cfg.remat != "none":
-                body_fn = jax.checkpoint(body_fn, policy=REMAT_POLICIES[self.cfg.remat])
             extra = None if per_block is None else jax.tree.map(lambda x, a=lo, b=hi: x[a:b], per_block)
             tau = seg_ctx.routing.tau
             xs = (params, block_ids, extra, None if tau is None else jnp.asarray(tau, jnp.float32)[lo:hi])
-            if self.cfg.scan_unroll > 1 and self.cfg.scan_unroll >= len(block_ids):  # a full unroll
-                state, ys = _unrolled_scan(body_fn, state, xs, len(block_ids))
-            else:
-                state, ys = jax.lax.scan(body_fn, state, xs, unroll=self.cfg.scan_unroll)
+            state, ys = self._scan(functools.partial(body, graphdef, seg_ctx=seg_ctx), state, xs, len(block_ids))
             outputs.append(ys)
-        if len(outputs) == 1:
-            return state, outputs[0]
-        return state, jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *outputs)
+        return state, _joined(outputs)
+
+    def _scan(self, body_fn, state, xs, n: int):
+        """One scan of `body_fn` over `n` blocks: rematerialised per `model.remat`, and one block
+        after another instead when `model.scan_unroll` >= n > 1 (a full unroll)."""
+        if self.cfg.remat != "none":
+            body_fn = jax.checkpoint(body_fn, policy=REMAT_POLICIES[self.cfg.remat])
+        if self.cfg.scan_unroll > 1 and self.cfg.scan_unroll >= n:
+            return _unrolled_scan(body_fn, state, xs, n)
+        return jax.lax.scan(body_fn, state, xs, unroll=self.cfg.scan_unroll)
 
     def _run_looped(self, state, ctx: StepContext, per_block, run, blocks):
         """`run_blocks` on a looped stack: one scan step per executed position, which gathers its
@@ -356,19 +357,12 @@ class Transformer(nnx.Module):
                 params = jax.tree.map(lambda x: x[row], stack_params)  # the shared weights of this pass
                 return run(assemble(graphdef, params, res), carry, position, extra, tau, seg_ctx)
 
-            if self.cfg.remat != "none":
-                body_fn = jax.checkpoint(body_fn, policy=REMAT_POLICIES[self.cfg.remat])
             res = None if res_params is None else jax.tree.map(lambda x, a=lo, b=hi: x[a:b], res_params)
             extra = None if per_block is None else jax.tree.map(lambda x, a=lo, b=hi: x[a:b], per_block)
             xs = (rows, jnp.arange(lo, hi, dtype=jnp.int32), res, extra, tau_of(seg_ctx.routing, lo, hi))
-            if self.cfg.scan_unroll > 1 and self.cfg.scan_unroll >= hi - lo:  # a full unroll
-                state, ys = _unrolled_scan(body_fn, state, xs, hi - lo)
-            else:
-                state, ys = jax.lax.scan(body_fn, state, xs, unroll=self.cfg.scan_unroll)
+            state, ys = self._scan(body_fn, state, xs, hi - lo)
             outputs.append(ys)
-        if len(outputs) == 1:
-            return state, outputs[0]
-        return state, jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *outputs)
+        return state, _joined(outputs)
 
     def _run_unstacked(self, blocks: list, carry, ctx: StepContext, per_block, body):
         """`run_blocks` over per-block parameters, one block after another (same segments)."""
@@ -385,6 +379,13 @@ class Transformer(nnx.Module):
                 carry, y = body(graphdefs[i], carry, (blocks[i], jnp.int32(ids[i]), extra, tau), seg_ctx)
                 ys.append(y)
         return carry, jax.tree.map(lambda *xs: jnp.stack(xs), *ys)
+
+
+def _joined(outputs: list):
+    """The per-block outputs of consecutive scans, as one [blocks, ...] tree."""
+    if len(outputs) == 1:
+        return outputs[0]
+    return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *outputs)
 
 
 def _unrolled_scan(f, carry, xs, length: int):
