@@ -37,7 +37,11 @@ VARIANTS = {"prenorm": (["model.residual=prenorm"], MESHES),
                             "model.remat=full"], {"2,2,2": (2, 2, 2)}),
             # microbatches spread over the batch devices; loss chunks cut sequences, not the batch
             "nag_levers": (["model.residual=nag", "train.grad_accum=2", "train.loss_chunk_tokens=16"],
-                           {"2,2,2": (2, 2, 2)})}
+                           {"2,2,2": (2, 2, 2)}),
+            # a looped stack (shared block weights gathered per executed position, per-pass residual
+            # parameters) with MoD per executed (block, pass), under remat
+            "nag_loop": (["model.residual=nag", "model.repeat=2", "mod.rate=0.25", "model.remat=dots"],
+                         {"2,2,2": (2, 2, 2)})}
 
 
 def config(residual: str, mesh=(1, 1, 1), steps: int = STEPS):

@@ -155,6 +155,12 @@ def test_accumulation_and_chunked_loss_shard_like_the_plain_step(eight_devices):
     assert runs["1"] == pytest.approx(eight_devices["losses"]["nag"]["1"], rel=2e-5)  # the same function
 
 
+def test_a_looped_stack_shards_like_one_device(eight_devices):
+    runs = eight_devices["losses"]["nag_loop"]
+    assert len(runs["1"]) == 3 and runs["1"] != eight_devices["losses"]["nag_mod"]["1"]
+    assert runs["2,2,2"] == pytest.approx(runs["1"], rel=2e-6, abs=0)
+
+
 def test_pallas_update_runs_per_batch_shard(eight_devices):
     """The kernel (MoD r=0.5, remat=full) trains like the reference update of the same MoD model,
     and the same on a (2,2,2) mesh as on one device."""
