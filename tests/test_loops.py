@@ -13,12 +13,12 @@ from flax import nnx
 from conftest import make_tiny_model
 from nagjax import flops
 from nagjax.config import ConfigError, ModConfig, apply_overrides, Config
-from nagjax.infer.decode import block_params_fn, decode_step_fn
 from nagjax.infer.kv_cache import init_cache
 from nagjax.infer.sample import generate_ids
-from nagjax.model import StepContext, build_model
+from nagjax.model import build_model
 from nagjax.model.loops import executed, executed_blocks, labels
 from nagjax.model.transformer import count_params
+from test_mod import assert_decoding_matches_the_forward
 
 
 def _tokens(b=2, t=12, seed=0, vocab=97):
@@ -155,35 +155,14 @@ def test_kv_cache_decoding_of_a_looped_stack_matches_the_full_forward(threshold)
     the same tokens skip; greedy generation (really skipping) gives the full forward's tokens."""
     cfg = make_tiny_model(residual="nag", depth=2, repeat=2, repeat_order="block")
     model = build_model(cfg, seed=6, mod=ModConfig(rate=0.0, exempt_first_blocks=1))
-    graphdef, params = nnx.split(model)
+    assert len(init_cache(cfg, 1, 8, jnp.float32)) == cfg.executed_depth  # a cache per executed block
     tokens = _tokens(b=1, t=8, seed=7)
-    p = cfg.executed_depth
-    if threshold:
-        routing = model.mod_policy.threshold_routing(jnp.full((p, 2), -jnp.inf), quantile_rates=(0.4,))
-        _, stats = model(tokens, ctx=StepContext(routing=routing))
-        tau = stats["gate_quantiles"][..., 0]
-        ctx = StepContext(routing=model.mod_policy.threshold_routing(tau))
-    else:
-        tau, ctx = jnp.zeros((p, 2)), None
-    full, full_stats = model(tokens, ctx=ctx)
-    step = decode_step_fn(graphdef, thresholds=threshold, skip_compute=True)
-    blocks = block_params_fn(graphdef)(params)
-    cache = init_cache(cfg, 1, 8, jnp.float32)
-    assert len(cache) == p
-    executed_counts = []
-    for pos in range(8):
-        logits, cache, counts = step(params, blocks, cache, tokens[:, pos], jnp.array([pos]), jnp.array([True]), tau)
-        np.testing.assert_allclose(logits[0], full[0, pos], rtol=2e-4, atol=2e-5)
-        executed_counts.append(np.asarray(counts["executed"]))
-    if threshold:
-        skipped_full = np.asarray(full_stats["skip_by_position"])  # [executed, 2, t]
-        np.testing.assert_array_equal(1 - np.stack(executed_counts, axis=-1), skipped_full)
-        assert 0 < skipped_full[1:].mean() < 1
+    tau, ctx = assert_decoding_matches_the_forward(model, tokens, threshold, skip_compute=True)
     if not threshold:  # dense: the per-token logits above already match
         return
     # greedy generation, really skipping = argmax of the full forward over the growing sequence
     prompt = [int(t) for t in tokens[0, :3]]
-    out = generate_ids(graphdef, params, [prompt], eos_id=-1, max_new_tokens=4,
+    out = generate_ids(*nnx.split(model), [prompt], eos_id=-1, max_new_tokens=4,
                        thresholds=np.asarray(tau), pad_to=7)
     seq = list(prompt)
     for _ in range(4):

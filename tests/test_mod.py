@@ -267,30 +267,37 @@ def test_kv_cache_decoding_matches_the_full_forward(residual, threshold, taper, 
     """Token by token from an empty cache, for every K/V rule: the same logits as the full
     forward, and the same tokens skip every sublayer."""
     cfg = dataclasses.replace(CFG, residual=residual, taper=taper, taper_multiple=8)
-    mod = ModConfig(rate=0.0, kv=kv, exempt_first_blocks=1)
-    model = build_model(cfg, seed=6, mod=mod)
+    model = build_model(cfg, seed=6, mod=ModConfig(rate=0.0, kv=kv, exempt_first_blocks=1))
+    assert_decoding_matches_the_forward(model, _tokens(b=1, t=10, seed=7), threshold, skip_compute=False)
+
+
+def assert_decoding_matches_the_forward(model, tokens, threshold: bool, *, skip_compute: bool):
+    """Decode `tokens` [1, t] one by one from an empty cache and compare with the full forward: the
+    same logits, and under `threshold` (a tau that skips some tokens in every eligible sublayer)
+    the same tokens skip every sublayer. Returns the thresholds and the forward's context."""
+    cfg, depth, t = model.cfg, model.cfg.executed_depth, tokens.shape[1]
     graphdef, params = nnx.split(model)
-    tokens = _tokens(b=1, t=10, seed=7)
-    if threshold:  # a tau that skips some tokens in every eligible sublayer
-        routing = model.mod_policy.threshold_routing(jnp.full((cfg.depth, 2), -jnp.inf), quantile_rates=(0.4,))
+    if threshold:
+        routing = model.mod_policy.threshold_routing(jnp.full((depth, 2), -jnp.inf), quantile_rates=(0.4,))
         _, stats = model(tokens, ctx=StepContext(routing=routing))
         tau = stats["gate_quantiles"][..., 0]
         ctx = StepContext(routing=model.mod_policy.threshold_routing(tau))
     else:
-        tau, ctx = jnp.zeros((cfg.depth, 2)), None
+        tau, ctx = jnp.zeros((depth, 2)), None
     full, full_stats = model(tokens, ctx=ctx)
-    step = decode_step_fn(graphdef, thresholds=threshold, skip_compute=False)
+    step = decode_step_fn(graphdef, thresholds=threshold, skip_compute=skip_compute)
     blocks = block_params_fn(graphdef)(params)
-    cache = init_cache(cfg, 1, 10, jnp.float32)
+    cache = init_cache(cfg, 1, t, jnp.float32)
     executed = []
-    for pos in range(10):
+    for pos in range(t):
         logits, cache, counts = step(params, blocks, cache, tokens[:, pos], jnp.array([pos]), jnp.array([True]), tau)
         np.testing.assert_allclose(logits[0], full[0, pos], rtol=2e-4, atol=2e-5)
         executed.append(np.asarray(counts["executed"]))
     if threshold:
-        skipped_full = np.asarray(full_stats["skip_by_position"])  # [depth, 2, t]
+        skipped_full = np.asarray(full_stats["skip_by_position"])  # [executed depth, 2, t]
         np.testing.assert_array_equal(1 - np.stack(executed, axis=-1), skipped_full)
         assert 0 < skipped_full[1:].mean() < 1
+    return tau, ctx
 
 
 def test_the_policy_decides_every_use():
