@@ -467,19 +467,22 @@ class TrainConfig:
 class MeshConfig:
     """Device mesh axis sizes (see nagjax/sharding.py).
 
-    dcn_data * data * fsdp * tensor must equal the device count; one of data/fsdp/tensor may be -1
-    (the rest). `dcn_data` is data parallelism across TPU slices (or hosts) over the data-centre
-    network; `data` replicates parameters; `fsdp` shards parameters and optimiser state; `tensor`
-    splits attention heads and MLP width.
+    dcn_data * stage * data * fsdp * tensor must equal the device count; one of data/fsdp/tensor
+    may be -1 (the rest). `dcn_data` is data parallelism across TPU slices (or hosts) over the
+    data-centre network; `stage` splits the stacked blocks into pipeline stages (docs/pipeline.md,
+    `pipeline.*`); `data` replicates parameters; `fsdp` shards parameters and optimiser state;
+    `tensor` splits attention heads and MLP width.
     """
 
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
     dcn_data: int = 1
+    stage: int = 1
 
     def validate(self, prefix: str = "mesh") -> None:
         _check(self.dcn_data >= 1, f"{prefix}.dcn_data", "must be >= 1 (slices or hosts)")
+        _check(self.stage >= 1, f"{prefix}.stage", "must be >= 1 (1 = no pipeline)")
         sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
         for name, size in sizes.items():
             _check(size == -1 or size >= 1, f"{prefix}.{name}", "must be >= 1 or -1 (the rest)")
@@ -488,6 +491,27 @@ class MeshConfig:
             prefix,
             "at most one axis may be -1",
         )
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Pipeline parallelism over `mesh.stage` (docs/pipeline.md, nagjax/model/pipeline.py): the
+    executed blocks are cut into `mesh.stage x repeats` contiguous pieces, piece q running on stage
+    q mod stage, and each (grad-accumulation) batch flows through them in `microbatches` parts.
+    Ignored while `mesh.stage` is 1."""
+
+    microbatches: int = 0  # 0: as many as stages (the least the schedule allows)
+    repeats: int = 1  # pieces per stage; > 1 is the circular schedule (a smaller bubble)
+    # Block AttnRes across stages: a stage keeps the block summaries of each microbatch it already
+    # holds and a hop carries only those produced since (false: the whole buffer every hop).
+    cross_stage_cache: bool = True
+
+    def microbatch_count(self, stages: int) -> int:
+        return self.microbatches or stages
+
+    def validate(self, prefix: str = "pipeline") -> None:
+        _check(self.microbatches >= 0, f"{prefix}.microbatches", "must be >= 0 (0 = as many as stages)")
+        _check(self.repeats >= 1, f"{prefix}.repeats", "must be >= 1 (1 = one piece per stage)")
 
 
 @dataclass(frozen=True)
@@ -502,6 +526,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     mod: ModConfig = field(default_factory=ModConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
     def validate(self) -> "Config":
         self.model.validate()
@@ -514,6 +539,16 @@ class Config:
         _check(self.data.batch_size % self.train.grad_accum == 0, "train.grad_accum",
                f"must divide data.batch_size={self.data.batch_size} (got {self.train.grad_accum})")
         self.mesh.validate()
+        self.pipeline.validate()
+        if self.mesh.stage > 1:
+            stages, m = self.mesh.stage, self.pipeline.microbatch_count(self.mesh.stage)
+            _check(m >= stages, "pipeline.microbatches",
+                   f"must be >= mesh.stage={stages} (a microbatch must leave the last stage before "
+                   f"it re-enters the first; got {m})")
+            micro = self.data.batch_size // self.train.grad_accum
+            _check(micro % m == 0, "pipeline.microbatches",
+                   f"must divide the {micro} sequences of a step's batch (data.batch_size="
+                   f"{self.data.batch_size} / train.grad_accum={self.train.grad_accum}); got {m}")
         return self
 
     def replace(self, **changes: Any) -> "Config":

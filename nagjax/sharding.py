@@ -1,8 +1,11 @@
 """Device meshes, logical-axis sharding rules, and placement of state and batches.
 
-The mesh has four named axes, outermost first:
+The mesh has five named axes, outermost first:
 
   dcn     data parallelism across slices / hosts over the data-centre network (`mesh.dcn_data`)
+  stage   pipeline stages: the stacked blocks' `layers` axis is split over it, and microbatches
+          hop from stage to stage (`mesh.stage`, nagjax/model/pipeline.py); outermost inside a
+          slice, so on a multi-host GPU run consecutive stages are consecutive hosts
   data    data parallelism inside a slice (replicated parameters)
   fsdp    data parallelism that also shards parameters and optimiser state (ZeRO-3 / FSDP)
   tensor  tensor parallelism: attention heads and MLP width are split across it
@@ -35,7 +38,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from nagjax.config import ConfigError, MeshConfig
 
-MESH_AXES = ("dcn", "data", "fsdp", "tensor")
+MESH_AXES = ("dcn", "stage", "data", "fsdp", "tensor")
 BATCH_AXES = ("dcn", "data", "fsdp")
 
 # logical axis name -> mesh axes (a name, a tuple of names, or None = replicated)
@@ -44,8 +47,9 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
     "batch": BATCH_AXES,
     "sequence": None,
     "act_embed": None,  # the residual stream is replicated across `tensor` (Megatron style)
+    "stage": "stage",  # the pipeline's per-stage buffers (nagjax/model/pipeline.py)
     # parameters
-    "layers": None,  # the stacked block axis (scanned; every device holds every layer's shard)
+    "layers": "stage",  # the stacked block axis: each pipeline stage holds its blocks (all, without stages)
     "vocab": "tensor",
     "embed": "fsdp",
     "heads": "tensor",
@@ -89,27 +93,31 @@ def logical_rules() -> dict[str, str | tuple[str, ...] | None]:
 # ---------------------------------------------------------------------------------------------
 
 
-def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int, int, int]:
-    """(dcn, data, fsdp, tensor) sizes for `n_devices`, solving the one -1 axis."""
-    dcn = cfg.dcn_data
+def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int, int, int, int]:
+    """(dcn, stage, data, fsdp, tensor) sizes for `n_devices`, solving the one -1 axis."""
+    dcn, stage = cfg.dcn_data, cfg.stage
     if n_devices % dcn:
         raise ConfigError(f"mesh.dcn_data={dcn} does not divide the {n_devices} devices")
-    per_slice = n_devices // dcn
+    if (n_devices // dcn) % stage:
+        raise ConfigError(f"mesh.stage={stage} does not divide the {n_devices // dcn} devices"
+                          + (f" per slice (mesh.dcn_data={dcn})" if dcn > 1 else ""))
+    per_slice = n_devices // dcn // stage
     sizes = [cfg.data, cfg.fsdp, cfg.tensor]
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if per_slice % known:
             raise ConfigError(
                 f"mesh: fixed axes multiply to {known}, which does not divide {per_slice} devices"
-                + (f" per slice ({n_devices} devices / mesh.dcn_data={dcn})" if dcn > 1 else "")
+                + (f" per stage ({n_devices} devices / mesh.dcn_data={dcn} / mesh.stage={stage})"
+                   if dcn * stage > 1 else "")
             )
         sizes[sizes.index(-1)] = per_slice // known
     if math.prod(sizes) != per_slice:
         raise ConfigError(
-            f"mesh: dcn_data*data*fsdp*tensor = {dcn * math.prod(sizes)} but there are {n_devices} "
-            "devices (set one of mesh.data/fsdp/tensor to -1 to take the rest)"
+            f"mesh: dcn_data*stage*data*fsdp*tensor = {dcn * stage * math.prod(sizes)} but there are "
+            f"{n_devices} devices (set one of mesh.data/fsdp/tensor to -1 to take the rest)"
         )
-    return (dcn, *sizes)
+    return (dcn, stage, *sizes)
 
 
 def _auto(n: int) -> tuple:
@@ -117,7 +125,7 @@ def _auto(n: int) -> tuple:
 
 
 def make_mesh(cfg: MeshConfig, devices: Sequence | None = None) -> jax.sharding.Mesh:
-    """The (dcn, data, fsdp, tensor) mesh over `devices` (default: all devices of all processes).
+    """The (dcn, stage, data, fsdp, tensor) mesh over `devices` (default: all devices of all processes).
 
     With mesh.dcn_data > 1 the devices are grouped into that many granules (TPU slices, or hosts
     when the devices have no slice index) and only the `dcn` axis crosses granules.
@@ -125,14 +133,14 @@ def make_mesh(cfg: MeshConfig, devices: Sequence | None = None) -> jax.sharding.
     devices = list(devices if devices is not None else jax.devices())
     shape = mesh_shape(cfg, len(devices))
     if shape[0] == 1:
-        return jax.make_mesh(shape, MESH_AXES, axis_types=_auto(4), devices=devices)
+        return jax.make_mesh(shape, MESH_AXES, axis_types=_auto(5), devices=devices)
     from jax.experimental import mesh_utils
 
     by_slice = getattr(devices[0], "slice_index", None) is not None
     array = mesh_utils.create_hybrid_device_mesh(
-        (1, *shape[1:]), (shape[0], 1, 1, 1), devices, process_is_granule=not by_slice
+        (1, *shape[1:]), (shape[0], 1, 1, 1, 1), devices, process_is_granule=not by_slice
     )
-    return jax.sharding.Mesh(array, MESH_AXES, axis_types=_auto(4))
+    return jax.sharding.Mesh(array, MESH_AXES, axis_types=_auto(5))
 
 
 def axis_sizes(mesh) -> dict[str, int]:
@@ -273,10 +281,11 @@ def global_batch(mesh, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Arra
     }
 
 
-def check_batch_split(mesh, batch_size: int, grad_accum: int = 1) -> int:
+def check_batch_split(mesh, batch_size: int, grad_accum: int = 1, pipeline_microbatches: int = 1) -> int:
     """The batch's ways over the mesh's batch axes; a ConfigError unless every microbatch
-    (batch_size / grad_accum sequences) splits evenly over them (else XLA would gather each
-    microbatch onto every device and repeat its work there)."""
+    (batch_size / grad_accum sequences, and that / pipeline_microbatches on a pipelined mesh)
+    splits evenly over them (else XLA would gather each microbatch onto every device and repeat
+    its work there)."""
     ways = math.prod(axis_sizes(mesh).get(a, 1) for a in BATCH_AXES)
     if batch_size % ways:
         raise ConfigError(f"data.batch_size={batch_size} must divide by the batch axes dcn*data*fsdp = "
@@ -285,6 +294,11 @@ def check_batch_split(mesh, batch_size: int, grad_accum: int = 1) -> int:
         raise ConfigError(f"train.grad_accum={grad_accum}: a microbatch of {batch_size // grad_accum} sequences "
                           f"does not split over the {ways} batch-parallel devices; choose grad_accum so that "
                           f"data.batch_size / grad_accum is a multiple of {ways}")
+    if axis_sizes(mesh).get("stage", 1) > 1 and (batch_size // grad_accum // pipeline_microbatches) % ways:
+        raise ConfigError(f"pipeline.microbatches={pipeline_microbatches}: a pipeline microbatch of "
+                          f"{batch_size // grad_accum // pipeline_microbatches} sequences does not split over "
+                          f"the {ways} batch-parallel devices; make data.batch_size / (train.grad_accum * "
+                          f"pipeline.microbatches) a multiple of {ways}")
     return ways
 
 
@@ -296,6 +310,12 @@ def gather_from_processes(values: Sequence[int]) -> np.ndarray:
     if jax.process_count() == 1:
         return row[None]
     return np.asarray(multihost_utils.process_allgather(row)).reshape(jax.process_count(), -1)
+
+
+def stage_count() -> int:
+    """Pipeline stages of the mesh in context (1 outside a mesh or without a `stage` axis)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return 1 if mesh.empty else dict(mesh.shape).get("stage", 1)
 
 
 def batch_shards() -> int:

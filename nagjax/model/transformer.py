@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nagjax.config import ModConfig, ModelConfig
-from nagjax.model import loops, taper
+from nagjax.config import ModConfig, ModelConfig, PipelineConfig
+from nagjax.model import loops, pipeline as pipeline_lib, taper
 from nagjax.model.layers import ATTENTION, MLP, Attention, SwiGLU, compute_dtype, normal, param
 from nagjax.model.mod import MoDPolicy, Routing
 from nagjax.model.residual import get_scheme
@@ -123,8 +123,9 @@ class Transformer(nnx.Module):
     """Causal LM. `__call__(tokens_bt) -> (logits_btv float32, per-sublayer stats)`."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, mod: ModConfig | None = None,
-                 policy: MoDPolicy | None = None):
-        """`policy`: the model's Mixture-of-Depths policy (`MoDPolicy.of(cfg, mod)` when not given)."""
+                 policy: MoDPolicy | None = None, pipeline: PipelineConfig | None = None):
+        """`policy`: the model's Mixture-of-Depths policy (`MoDPolicy.of(cfg, mod)` when not given);
+        `pipeline`: how its forward pipelines on a mesh with a `stage` axis (pipeline.py)."""
         if cfg.vocab_size <= 0:
             raise ValueError("model.vocab_size must be resolved (from the tokeniser) before building")
         if policy is not None and mod is not None:
@@ -132,6 +133,7 @@ class Transformer(nnx.Module):
         self.cfg = cfg
         scheme = get_scheme(cfg.residual)
         self.mod_policy = MoDPolicy.of(cfg, mod) if policy is None else policy
+        self.pipeline = pipeline or PipelineConfig()
         self.embed = param(rngs, normal(cfg.init_std), (cfg.vocab_size, cfg.d_model), ("vocab", "embed"))
         if not cfg.tie_embeddings:
             self.head = param(rngs, normal(cfg.init_std), (cfg.vocab_size, cfg.d_model), ("vocab", "embed"))
@@ -275,6 +277,9 @@ class Transformer(nnx.Module):
         if positions_bt is None:
             b, t = jax.tree.leaves(state)[0].shape[:2]
             positions_bt = jnp.broadcast_to(jnp.arange(t), (b, t))
+        stages = pipeline_lib.active_stages()
+        if stages > 1 and call is None and side is None and blocks is None and per_block is None:
+            return self._run_pipelined(state, positions_bt, ctx, stages)
         if side is not None:
             state = (state, side)
 
@@ -364,6 +369,65 @@ class Transformer(nnx.Module):
             outputs.append(ys)
         return state, _joined(outputs)
 
+    def _run_pipelined(self, state, positions_bt, ctx: StepContext, stages: int):
+        """`run_blocks` on a mesh with `stages` pipeline stages (pipeline.py): each piece of k
+        executed positions is one scan of the block forward, vmapped over the stages. Under a
+        Mixture-of-Depths routing the exempt first blocks fall in piece 0, but every stage runs
+        the same program: the first min(exempt, k) slots of a piece run both the dense and the
+        routed forward and keep the one their executed position asks for."""
+        sched = pipeline_lib.schedule(self.cfg, self.pipeline, stages)
+        scheme = get_scheme(self.cfg.residual)
+        routing = self.routing(ctx)
+        _, graphdef, stack_params, _ = self.split_stacks()[0]
+        inputs = {"weights": pipeline_lib.arrange_stack(stack_params, self.cfg, sched)}
+        res_graphdef = None
+        if self.per_pass:
+            res_graphdef, res_params = nnx.split(self.pass_residuals)
+            inputs["residuals"] = pipeline_lib.arrange_positions(res_params, sched)
+        if routing.tau is not None:
+            tau = jnp.asarray(routing.tau, jnp.float32)
+            inputs["tau"] = tau.reshape((sched.repeats, sched.stages, sched.per_piece) + tau.shape[1:])
+        k = sched.per_piece
+        exempt = routing.config.exempt_first_blocks if routing.skips else 0
+        dense_ctx = dataclasses.replace(ctx, routing=dataclasses.replace(routing, mode="dense"))
+        routed_ctx = dataclasses.replace(ctx, routing=routing)
+
+        def piece_fn(start, mine, piece, positions):
+            first = piece * k  # the executed position of the piece's first block
+
+            def forward(carry, x, seg_ctx):
+                j, weights, residual, tau = x
+                block = nnx.merge(graphdef, weights)
+                if residual is not None:
+                    block.residual = nnx.merge(res_graphdef, residual)
+                carry = constrain_stream(carry)
+                if tau is not None:
+                    seg_ctx = dataclasses.replace(seg_ctx, routing=dataclasses.replace(seg_ctx.routing, tau=tau))
+                return block(carry, positions, first + j, seg_ctx)
+
+            def either(carry, x):
+                dense, routed = forward(carry, x, dense_ctx), forward(carry, x, routed_ctx)
+                return jax.tree.map(lambda a, b: jnp.where(first + x[0] < exempt, a, b), dense, routed)
+
+            xs = (jnp.arange(k, dtype=jnp.int32), mine["weights"], mine.get("residuals"), mine.get("tau"))
+            both = min(exempt, k)
+            outputs = []
+            if both:
+                head = jax.tree.map(lambda x: x[:both], xs)
+                start, ys = self._scan(either, start, head, both)
+                outputs.append(ys)
+            if both < k:
+                tail = jax.tree.map(lambda x: x[both:], xs)
+                start, ys = self._scan(functools.partial(forward, seg_ctx=routed_ctx), start, tail, k - both)
+                outputs.append(ys)
+            return start, _joined(outputs)
+
+        cross = pipeline_lib.WholeState()
+        if scheme.cross_stage is not None and self.pipeline.cross_stage_cache:
+            cross = scheme.cross_stage(self.cfg, sched)
+        state, ys = pipeline_lib.run(sched, state, positions_bt, piece_fn, cross, inputs)
+        return constrain_stream(state), ys
+
     def _run_unstacked(self, blocks: list, carry, ctx: StepContext, per_block, body):
         """`run_blocks` over per-block parameters, one block after another (same segments)."""
         graphdefs = [graphdef for _, graphdef, _, n in self.split_stacks() for _ in range(n)]
@@ -402,9 +466,10 @@ def _unrolled_scan(f, carry, xs, length: int):
 
 
 def build_model(cfg: ModelConfig, seed: int = 0, mod: ModConfig | None = None, *,
-                policy: MoDPolicy | None = None) -> Transformer:
-    """The model, with its Mixture-of-Depths policy: `policy`, else the one of `mod` (None: dense)."""
-    return Transformer(cfg, rngs=nnx.Rngs(params=seed), mod=mod, policy=policy)
+                policy: MoDPolicy | None = None, pipeline: PipelineConfig | None = None) -> Transformer:
+    """The model, with its Mixture-of-Depths policy: `policy`, else the one of `mod` (None: dense),
+    and how its forward pipelines on a mesh with stages (`pipeline`; None: the defaults)."""
+    return Transformer(cfg, rngs=nnx.Rngs(params=seed), mod=mod, policy=policy, pipeline=pipeline)
 
 
 def count_params(model: nnx.Module) -> int:

@@ -41,7 +41,7 @@ def training_state(config: Config) -> TrainingState:
     mod_policy = MoDPolicy.of(cfg.model, cfg.mod)  # one policy for the model and its steps
 
     def model():
-        return build_model(cfg.model, seed=cfg.train.seed, policy=mod_policy)
+        return build_model(cfg.model, seed=cfg.train.seed, policy=mod_policy, pipeline=cfg.pipeline)
 
     graphdef, abstract_params = nnx.split(nnx.eval_shape(model), nnx.Param)
     optimizer = optim.make_optimizer(cfg.optim, cfg.train.steps, abstract_params)

@@ -171,6 +171,50 @@ class AttnResResidual(nnx.Module):
         return {"sources": sources, "filled": filled}, stats
 
 
+class AttnResCrossStage:
+    """What crosses a pipeline stage boundary under Attention Residuals (nagjax/model/pipeline.py):
+    the block summaries the receiving stage does not hold yet, not the whole source buffer.
+
+    A stage keeps the buffer of each microbatch as it left the stage (the pipeline's `kept`). Under
+    the circular schedule it sees a microbatch again p pieces later, so the message into piece q
+    is only the slots written since its previous piece q - p: slots slot(2 (q-p+1) k) ..
+    slot(2 q k - 1) of the sublayer counter (the first of them the partial block it may have left
+    unfinished); on a microbatch's first visit (q < p) the slots 0 .. slot(2 q k - 1). Every
+    message is a window of one static width W starting at a per-piece base, so a hop carries
+    W of the N slots: over the p v hops of a microbatch about N p + ... slots instead of N p v
+    (docs/pipeline.md works the numbers). `filled` [b, t, N] is small and crosses whole.
+    """
+
+    def __init__(self, cfg: ModelConfig, schedule):
+        k, p, pieces = schedule.per_piece, schedule.stages, schedule.pieces
+        size = cfg.attnres.block_size
+        n = n_sources(cfg)
+
+        def slot(sublayer: int) -> int:
+            return 1 + sublayer // size
+
+        spans = []
+        for q in range(pieces + 1):
+            lo = 0 if q < p else slot(2 * (q - p + 1) * k)
+            hi = 0 if q == 0 else slot(2 * q * k - 1)
+            spans.append((lo, min(hi, n - 1)))
+        self.width = min(n, max(hi - lo + 1 for lo, hi in spans))
+        # a window that would run past the buffer starts earlier (re-sending held slots is harmless)
+        self.bases = tuple(min(lo, n - self.width) for lo, _ in spans)
+        self.sources = n
+
+    def _base(self, piece):
+        return jnp.asarray(self.bases, jnp.int32)[piece]
+
+    def send(self, state: State, piece):
+        window = jax.lax.dynamic_slice_in_dim(state["sources"], self._base(piece), self.width, axis=2)
+        return {"window": window, "filled": state["filled"]}
+
+    def receive(self, kept: State, message, piece) -> State:
+        sources = jax.lax.dynamic_update_slice_in_dim(kept["sources"], message["window"], self._base(piece), axis=2)
+        return {"sources": sources, "filled": message["filled"]}
+
+
 def mix_flops(cfg: ModelConfig) -> float:
     """Row work of one depth-mixing read: per buffer slot (all N are executed, masked ones
     included) key RMSNorm 4d, score 2d, weighted sum 2d, stream sum for stats 1d, softmax ~5."""
@@ -189,4 +233,5 @@ ATTNRES = Scheme(
         "mix_weights", "AttnRes depth-mixing weights (source 0 = embedding, k = block of sublayer outputs)",
         heatmap=True)},
     options=AttnResConfig,
+    cross_stage=AttnResCrossStage,
 )

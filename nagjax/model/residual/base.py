@@ -123,6 +123,10 @@ class Scheme:
     # attention and MLP weights. Index-derived behaviour (LNS's factor, AttnRes's source slots)
     # always follows the executed position.
     per_pass: bool = True
+    # Pipeline parallelism (nagjax/model/pipeline.py): `cross_stage(cfg, schedule)` gives the rule
+    # for what crosses a stage boundary (`send(state, piece)`, `receive(kept, message, piece)`, as
+    # `pipeline.WholeState`); None: the whole state crosses every hop.
+    cross_stage: Callable[..., Any] | None = None
 
 
 SCHEMES: dict[str, Scheme] = {}
