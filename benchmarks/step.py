@@ -8,7 +8,8 @@ ratio against dense NAG next to the FLOP-counter ideal. `--profile` traces three
 variant with `jax.profiler` (perfetto JSON, no extra package) and prints its top device kernels,
 with the share of device time in copies (memcpy / copy) and dynamic-update-slice fusions; `--hlo`
 prints what the optimised HLO moves per step instead of computing (copies, writes into and slices
-out of the scan's stacked buffers, zero fills: count and MiB; nagjax/analysis/hlo.py).
+out of the scan's stacked buffers, zero fills: count and MiB; nagjax/analysis/hlo.py) and the
+collectives it runs per device (count and MiB of each kind).
 
     python benchmarks/step.py --size 350m --profile --save        # one H100: the 350M config
     python benchmarks/step.py --size d256x32 --profile --save     # d=256, 32 blocks, 64 x 512
@@ -108,12 +109,15 @@ class Runner:
                 self.times.append(seconds)
 
 
-def hlo_census(compiled) -> str:
+def hlo_census(compiled) -> list[str]:
     """Bytes the optimised step moves around the layer loop instead of computing, per step
-    (nagjax/analysis/hlo.py: copies, stacked writes, slices of stacked buffers, zero fills)."""
+    (nagjax/analysis/hlo.py: copies, stacked writes, slices of stacked buffers, zero fills), and
+    the collectives it runs per device."""
     from nagjax.analysis import hlo
 
-    return "  HLO " + hlo.format_movement(hlo.data_movement(compiled.as_text()))
+    optimised = compiled.as_text()
+    return ["  HLO " + hlo.format_movement(hlo.data_movement(optimised)),
+            "  HLO " + hlo.format_collectives(hlo.collectives(optimised))]
 
 
 def top_kernels(compiled, runner: Runner, n: int = 12) -> list[str]:
@@ -215,7 +219,7 @@ def main(argv=None) -> int:
         if args.hlo or args.profile:
             profiles.append(f"{name}:")
         if args.hlo:
-            profiles.append(hlo_census(compiled))
+            profiles += hlo_census(compiled)
         if args.profile:
             profiles += top_kernels(compiled, runner)
         if name not in runners:

@@ -3,8 +3,8 @@
 `nagjax compile --experiment NAME --topology TOPO` builds the abstract training state (nothing is
 allocated), places it on a mesh over the target's devices with the same logical-axis rules as
 training, lowers and compiles one train step, and prints the per-device memory XLA assigned, the
-bytes the step moves around its layer loop (`nagjax/analysis/hlo.py`) and the sharding of every
-parameter. TPU topologies (e.g. `v5p-64` or `v5p:2x4x4`) come from
+bytes the step moves around its layer loop, the collectives it runs (`nagjax/analysis/hlo.py`) and
+the sharding of every parameter. TPU topologies (e.g. `v5p-64` or `v5p:2x4x4`) come from
 `jax.experimental.topologies`, which needs libtpu (`pip install 'nagjax[tpu]'`; it installs and runs
 on a CPU-only machine). `local` (or `gpu`, `cpu`) compiles for this machine's own devices.
 """
@@ -197,8 +197,10 @@ def compile_report(config: Config, topology: str) -> str:
             lines.append(f"  device memory {_gib(limit)}: {verdict}")
     else:
         lines.append("  (this backend reports no memory analysis for compiled programs)")
+    optimised = compiled.as_text()
     lines += ["", "data movement around the layer loop (optimised HLO; model.remat and model.scan_unroll change it):",
-              "  " + hlo.format_movement(hlo.data_movement(compiled.as_text()))]
+              "  " + hlo.format_movement(hlo.data_movement(optimised)),
+              "  " + hlo.format_collectives(hlo.collectives(optimised))]
     lines += ["", "parameter shardings (path, shape, logical axes, mesh axes, per-device shape):"]
     rows = sharding.sharding_table(abstract["params"], mesh)
     width = max(len(r[0]) for r in rows)

@@ -1,15 +1,20 @@
 """Depth microscope and CascadeFlow pruning on tiny trained runs: checkpoint round trip of the
-index-dependent schemes (LNS, AttnRes + taper), exact pruning, healing, reports and plots."""
+index-dependent schemes (LNS, AttnRes + taper), exact pruning, healing, reports and plots; and the
+census of collectives per step in optimised HLO (nagjax/analysis/hlo.py)."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from conftest import TINY_RUN
 from nagjax.analysis import diagnostics as diag
+from nagjax.analysis import hlo
 from nagjax.analysis import pruning
 from nagjax.cli import main
 from nagjax.config import Config, apply_overrides
@@ -101,3 +106,110 @@ def test_analyze_overlays_two_runs(runs, tmp_path, capsys):
     pngs = {p.name for p in tmp_path.glob("*.png")}
     assert {"stream_rms.png", "update_ratio.png", "cosine.png", "grad_norm_sum.png",
             "skip_loss_increase.png", "mix_weights_attnres_taper.png"} <= pngs
+
+
+# Compiled on 4 forced CPU devices in a child process (this one keeps a single device): a ring
+# ppermute of each device's f32[8, 8] block (256 bytes) 5 times in a loop, then a psum and an
+# all_gather (f32[4, 8, 8]: 1024 bytes). Prints the optimised HLO.
+SHARD_MAP_CHILD = """
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, PartitionSpec as P
+
+mesh = Mesh(np.array(jax.devices()), ("x",))
+ring = [(i, (i + 1) % 4) for i in range(4)]
+
+def step(x):
+    x = jax.lax.fori_loop(0, 5, lambda _, c: jax.lax.ppermute(c, "x", ring) * 1.5, x)
+    return x + jax.lax.psum(x, "x"), jax.lax.all_gather(x, "x")
+
+f = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=P("x"), out_specs=(P("x"), P("x"))))
+print(f.lower(jnp.ones((32, 8), jnp.float32)).compile().as_text())
+"""
+
+
+def test_collectives_of_a_compiled_shard_map_weight_the_loop_by_its_trip_count():
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    proc = subprocess.run([sys.executable, "-c", SHARD_MAP_CHILD], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    text = proc.stdout
+    assert 5 in hlo.executions(hlo.parse(text)).values()  # the loop stayed a while of 5 trips
+    census = hlo.collectives(text)
+    assert census["collective-permute"] == {"count": 5, "bytes": 5 * 8 * 8 * 4}
+    assert census["all-reduce"] == {"count": 1, "bytes": 8 * 8 * 4}
+    assert census["all-gather"] == {"count": 1, "bytes": 4 * 8 * 8 * 4}
+    assert census["reduce-scatter"]["count"] == census["all-to-all"]["count"] == 0
+
+
+# GPU-style async collectives as XLA prints them: native -start/-done pairs, a reduce-scatter
+# wrapped in an async computation, the sugared all-to-all-start, plus an all-reduce in a
+# conditional branch. The wrapped computation is not executed on its own: counted once, via its start.
+ASYNC_HLO = """
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %sum = f32[] add(%a, %b)
+}
+
+%wrapped_reduce_scatter (p: f32[64]) -> f32[16] {
+  %p = f32[64]{0} parameter(0)
+  ROOT %rs = f32[16]{0} reduce-scatter(%p), replica_groups={{0,1,2,3}}, dimensions={0}, to_apply=%add
+}
+
+%body (loop: (s32[], f32[256])) -> (s32[], f32[256]) {
+  %loop = (s32[], f32[256]{0}) parameter(0)
+  %i = s32[] get-tuple-element(%loop), index=0
+  %x = f32[256]{0} get-tuple-element(%loop), index=1
+  %cp-start = (f32[256]{0}, f32[256]{0}, u32[], u32[]) collective-permute-start(%x), channel_id=1, source_target_pairs={{0,1},{1,2},{2,3},{3,0}}
+  %cp-done = f32[256]{0} collective-permute-done(%cp-start)
+  ROOT %next = (s32[], f32[256]{0}) tuple(%i, %cp-done)
+}
+
+%cond (loop.1: (s32[], f32[256])) -> pred[] {
+  %loop.1 = (s32[], f32[256]{0}) parameter(0)
+  ROOT %go = pred[] constant(true)
+}
+
+%branch (y: f32[8]) -> f32[8] {
+  %y = f32[8]{0} parameter(0)
+  ROOT %ar = f32[8]{0} all-reduce(%y), replica_groups={{0,1,2,3}}, to_apply=%add
+}
+
+ENTRY %main (x.1: f32[256], g: f32[64], k: s32[]) -> (f32[256], f32[16]) {
+  %x.1 = f32[256]{0} parameter(0)
+  %g = f32[64]{0} parameter(1)
+  %k = s32[] parameter(2)
+  %init = (s32[], f32[256]{0}) tuple(%k, %x.1)
+  %while = (s32[], f32[256]{0}) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}
+  %ag-start = (f32[64]{0}, f32[256]{0}) all-gather-start(%g), replica_groups={{0,1,2,3}}, dimensions={0}
+  %ag-done = f32[256]{0} all-gather-done(%ag-start)
+  %ar-start = f32[64]{0} all-reduce-start(%g), replica_groups={{0,1,2,3}}, to_apply=%add
+  %ar-done = f32[64]{0} all-reduce-done(%ar-start)
+  %rs-start = ((f32[64]{0}), f32[16]{0}, u32[]) async-start(%g), calls=%wrapped_reduce_scatter
+  %rs-done = f32[16]{0} async-done(%rs-start), calls=%wrapped_reduce_scatter
+  %a2a-start = ((f32[64]{0}), f32[64]{0}) all-to-all-start(%g), replica_groups={{0,1,2,3}}, dimensions={0}
+  %a2a-done = f32[64]{0} all-to-all-done(%a2a-start)
+  %slice = f32[8]{0} slice(%g), slice={[0:8]}
+  %branched = f32[8]{0} conditional(%k, %slice), branch_computations={%branch}
+  ROOT %out = (f32[256]{0}, f32[16]{0}) tuple(%ag-done, %rs-done)
+}
+"""
+
+
+def test_collectives_count_async_starts_once_with_their_result_bytes():
+    assert hlo.collectives(ASYNC_HLO) == {
+        "collective-permute": {"count": 3, "bytes": 3 * 256 * 4},  # 3 trips x the f32[256] result
+        "all-gather": {"count": 1, "bytes": 256 * 4},
+        "all-reduce": {"count": 2, "bytes": 64 * 4 + 8 * 4},  # the start's own shape + the branch's
+        "reduce-scatter": {"count": 1, "bytes": 16 * 4},
+        "all-to-all": {"count": 1, "bytes": 64 * 4},
+    }
+
+
+def test_format_collectives_lists_only_the_kinds_that_run():
+    census = {kind: {"count": 0, "bytes": 0} for kind in hlo.COLLECTIVES}
+    assert hlo.format_collectives(census) == "collectives per step: none"
+    census["collective-permute"] = {"count": 24, "bytes": 12 * 2**20}
+    census["all-gather"] = {"count": 130, "bytes": 1234.5 * 2**20}
+    assert hlo.format_collectives(census) == \
+        "collectives per step: collective-permute 24 (12.0 MiB), all-gather 130 (1,234.5 MiB)"

@@ -10,7 +10,8 @@ cuBLAS/cuDNN call is a `memcpy` kernel), and the zero-filled stacked buffers a l
 overwrites. Each is weighted by how often its
 computation runs (a while body: its known trip count). `benchmarks/step.py --hlo` prints it;
 tests assert on it. Fused instructions are not counted: a copy inside a fusion is a layout change
-that the fusion's single pass does anyway.
+that the fusion's single pass does anyway. `collectives` counts, the same way, the communication a
+step does per device (collective-permute, all-gather, all-reduce, reduce-scatter, all-to-all).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16"
                "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16,
                "f8e4m3fn": 1, "f8e5m2": 1, "s4": 1, "u4": 1}
 DATA_ONLY = {"dynamic-slice", "copy", "transpose", "convert"}  # a fusion of only these just moves data
+COLLECTIVES = ("collective-permute", "all-gather", "all-reduce", "reduce-scatter", "all-to-all")
 TRIVIAL = {"parameter", "constant", "bitcast", "broadcast", "iota", "reshape", "tuple", "get-tuple-element"}
 
 
@@ -205,6 +207,62 @@ def format_movement(movement: dict) -> str:
     parts = [f"{kind} {int(v['count'])} ({v['bytes'] / 2**20:,.1f} MiB)"
              for kind, v in movement.items() if kind != "loops"]
     return f"per step: {', '.join(parts)}; while loops {int(movement['loops']['count'])}"
+
+
+def _tuple_elements(shape: str) -> list[str]:
+    """'((f32[8]{0}), f32[32]{0}, u32[])' -> ['(f32[8]{0})', 'f32[32]{0}', 'u32[]']."""
+    elements, depth, start = [], 0, 1
+    for i, ch in enumerate(shape[1:-1], 1):
+        depth += (ch in "([{") - (ch in ")]}")
+        if ch == "," and depth == 0:
+            elements.append(shape[start:i].strip())
+            start = i + 1
+    return elements + [shape[start:-1].strip()]
+
+
+def _collective(ins: Instr, comps: dict) -> tuple[str, int] | None:
+    """(kind, result bytes per device) of an unfused instruction that starts a collective.
+
+    A synchronous collective's result is its shape. The async forms return a tuple whose
+    element 1 is the result, as XLA prints them: `(operand, result, u32[], u32[])
+    collective-permute-start`, `(operand, result) all-gather-start`, and for a wrapped
+    collective `((operands), result, context...)` from `async-start(...), calls=%wrapped` or its
+    sugared spelling `reduce-scatter-start` / `all-to-all-start`. `all-reduce-start` is the
+    exception: its shape is the result itself (a tuple only when variadic: all of it counts), as
+    is any start written without a tuple (hand-written HLO).
+    Only the start is counted: the matching -done (and any -update) is the same transfer
+    finishing."""
+    kind = ins.op.removesuffix("-start")
+    if ins.op == "async-start" and ins.calls in comps:
+        kind = next((i.op for i in comps[ins.calls].values() if i.op in COLLECTIVES), None)
+    if kind not in COLLECTIVES:
+        return None
+    if ins.op in COLLECTIVES or ins.op == "all-reduce-start" or not ins.shape.startswith("("):
+        return kind, nbytes(ins.shape)
+    return kind, nbytes(_tuple_elements(ins.shape)[1])
+
+
+def collectives(hlo: str) -> dict[str, dict[str, float]]:
+    """{kind: {"count": executions per step, "bytes": result bytes per device per step}} for each
+    kind in COLLECTIVES, each instruction weighted by how often its computation runs (a
+    collective in a while body with a known trip count n: n times). Result bytes: `_collective`."""
+    module = parse(hlo)
+    out = {kind: {"count": 0, "bytes": 0} for kind in COLLECTIVES}
+    for comp, n in executions(module).items():
+        for ins in module.comps[comp].values():
+            found = _collective(ins, module.comps)
+            if found is not None:
+                kind, result_bytes = found
+                out[kind]["count"] += n
+                out[kind]["bytes"] += n * result_bytes
+    return out
+
+
+def format_collectives(census: dict) -> str:
+    """One line: count and MiB per step of each kind the step runs."""
+    parts = [f"{kind} {int(v['count'])} ({v['bytes'] / 2**20:,.1f} MiB)"
+             for kind, v in census.items() if v["count"]]
+    return f"collectives per step: {', '.join(parts) or 'none'}"
 
 
 def copied_inputs(hlo: str) -> list[str]:
