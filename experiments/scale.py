@@ -2,6 +2,8 @@
 depth-heavy variant, on three targets: one GPU, one 8-GPU host, and a TPU v5p-64 slice (32 chips).
 
 Names: `scale_<size>[_deep]_<residual>_<target>`, e.g. `scale_1b_deep_nag_tpu` (48 blocks, d=1280).
+The deep variants also come pipelined (docs/pipeline.md): `..._8gpu_stage2` (2 stages of 4 GPUs,
+FSDP inside a stage) and `..._tpu_stage4` (4 stages of 8 chips, circular schedule with 2 repeats).
 Check that a config fits before renting the hardware:
 
     nagjax compile --experiment scale_1b_deep_nag_tpu --topology v5p-64
@@ -14,7 +16,8 @@ from __future__ import annotations
 
 import functools
 
-from nagjax.config import Config, DataConfig, MeshConfig, ModelConfig, OptimConfig, TrainConfig
+from nagjax.config import (Config, DataConfig, MeshConfig, ModelConfig, OptimConfig, PipelineConfig,
+                           TrainConfig)
 from nagjax.registry import experiment
 
 VOCAB = 32768
@@ -37,7 +40,14 @@ TARGETS = {
     "1gpu": (MeshConfig(data=1), 16, "1 GPU"),
     "8gpu": (MeshConfig(data=1, fsdp=-1), 64, "8 GPUs, FSDP over all"),
     "tpu": (MeshConfig(data=1, fsdp=-1), 256, "TPU v5p-64 (32 chips), FSDP over the slice"),
+    # pipelined: the same global batches, for the deep sizes (depth divides by stages x repeats)
+    "8gpu_stage2": (MeshConfig(data=1, fsdp=-1, stage=2), 64, "8 GPUs, 2 pipeline stages x FSDP over 4"),
+    "tpu_stage4": (MeshConfig(data=1, fsdp=-1, stage=4), 256,
+                   "TPU v5p-64 (32 chips), 4 pipeline stages x FSDP over 8, 2 repeats"),
 }
+# target -> the pipeline schedule of a staged target: microbatches of 8 and 16 sequences
+PIPELINES = {"8gpu_stage2": PipelineConfig(microbatches=8),
+             "tpu_stage4": PipelineConfig(microbatches=16, repeats=2)}
 
 
 def approx_params(d_model: int, depth: int) -> float:
@@ -60,6 +70,7 @@ def scale_config(size: str, residual: str, target: str) -> Config:
         train=TrainConfig(steps=steps, eval_every=1000, eval_batches=16, checkpoint_every=1000,
                           keep_checkpoints=3, log_every=50),
         mesh=mesh,
+        pipeline=PIPELINES.get(target, PipelineConfig()),
     )
 
 
@@ -69,6 +80,8 @@ def _register() -> None:
             for target, (_, batch, where) in TARGETS.items():
                 if size.startswith("7b") and target == "1gpu":
                     continue  # 7B params + Adam state alone exceed one GPU's memory
+                if target in PIPELINES and not size.endswith("_deep"):
+                    continue  # pipelining is for the deep, narrow variants
                 name = f"scale_{size}_{residual}_{target}"
                 n = approx_params(d, depth)
                 desc = (f"{label}, ~{n / 1e9:.2f}B params ({depth} blocks, d={d}), "

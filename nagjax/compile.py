@@ -23,6 +23,7 @@ from nagjax import sharding
 from nagjax.analysis import hlo
 from nagjax.config import Config, ConfigError
 from nagjax.model import build_model
+from nagjax.model import pipeline as pipelining
 from nagjax.model.layers import compute_dtype_name
 from nagjax.model.loops import describe as describe_stack
 from nagjax.train.state import training_state
@@ -118,13 +119,6 @@ def _stream_bytes_per_token(model_cfg) -> int:
     return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(state))
 
 
-def _per_device_bytes(tree, shardings) -> int:
-    total = 0
-    for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)):
-        total += math.prod(s.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize
-    return total
-
-
 def _gib(n: float) -> str:
     return f"{n / GIB:9.3f} GiB"
 
@@ -133,7 +127,10 @@ def compile_report(config: Config, topology: str) -> str:
     target = resolve_target(topology)
     cfg = target_config(config, target.platform)
     mesh = sharding.make_mesh(cfg.mesh, target.devices)
-    batch_ways = sharding.check_batch_split(mesh, cfg.data.batch_size, cfg.train.grad_accum)
+    stages = cfg.mesh.stage
+    schedule = pipelining.check(cfg.model, cfg.pipeline, stages) if stages > 1 else None
+    batch_ways = sharding.check_batch_split(mesh, cfg.data.batch_size, cfg.train.grad_accum,
+                                            cfg.pipeline.microbatch_count(stages))
     steps, init_state = _abstract_training(cfg)
     abstract = jax.eval_shape(init_state)
     shardings = sharding.state_shardings(mesh, abstract)
@@ -153,15 +150,16 @@ def compile_report(config: Config, topology: str) -> str:
     seconds = time.perf_counter() - t0
 
     n_params = sum(x.size for x in jax.tree.leaves(abstract["params"]))
-    params_b = _per_device_bytes(abstract["params"], shardings["params"])
-    opt_b = _per_device_bytes(abstract["opt_state"], shardings["opt_state"])
-    other_b = sum(_per_device_bytes(abstract[k], shardings[k]) for k in abstract
+    params_b = sharding.per_device_bytes(abstract["params"], shardings["params"])
+    opt_b = sharding.per_device_bytes(abstract["opt_state"], shardings["opt_state"])
+    other_b = sum(sharding.per_device_bytes(abstract[k], shardings[k]) for k in abstract
                   if k not in ("params", "opt_state"))
     batch_b = 2 * math.prod(bsh.shard_shape(tokens.shape)) * 4
     m = cfg.model
     lines = [
         f"nagjax compile: {cfg.name} for {target.name} ({target.description})",
         f"mesh: {', '.join(f'{k}={v}' for k, v in mesh.shape.items())}",
+        "pipeline: " + ("none (mesh.stage=1)" if schedule is None else schedule.describe()),
         f"model: {m.residual}, {describe_stack(m)}, d_model={m.d_model}, {m.n_heads} heads, "
         f"d_ff={m.mlp_width}, vocab={m.vocab_size}, {n_params / 1e9:.3f}B parameters; "
         f"compute {m.compute_dtype}, remat={m.remat}",
@@ -181,8 +179,10 @@ def compile_report(config: Config, topology: str) -> str:
         temp = mem.temp_size_in_bytes
         lines.append(f"  activations + temporaries   {_gib(temp)}   (XLA temp buffers)")
         if m.remat == "full":
-            b_local = cfg.data.batch_size // batch_ways
+            b_local = cfg.data.batch_size // batch_ways // cfg.train.grad_accum
             saved = m.executed_depth * b_local * cfg.data.seq_len * _stream_bytes_per_token(m)
+            if schedule is not None:  # a stage's blocks, for every iteration (bubbles included)
+                saved = saved // stages * schedule.iterations // (schedule.microbatches * schedule.repeats)
             lines.append(f"    of which saved block inputs (remat=full, estimate) {_gib(saved)}")
         unaliased_out = max(mem.output_size_in_bytes - mem.alias_size_in_bytes, 0)
         total = mem.argument_size_in_bytes + temp + unaliased_out + mem.generated_code_size_in_bytes

@@ -269,16 +269,43 @@ def batch_sharding(mesh) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES))
 
 
-def global_batch(mesh, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+def batch_part(mesh, batch_size: int) -> tuple[int, int]:
+    """(index, count): this process feeds part `index` of `count` equal, contiguous row blocks of
+    every global batch (what the data pipeline reads for it). Without pipeline stages across
+    processes that is (process index, process count); processes that hold different stages of
+    the same batch rows feed the same part."""
+    rows = batch_sharding(mesh).addressable_devices_indices_map((batch_size,))
+    starts = sorted({(idx[0].start or 0, idx[0].stop or batch_size) for idx in rows.values()})
+    lo, hi = starts[0][0], starts[-1][1]
+    if hi - lo != sum(b - a for a, b in starts) or batch_size % (hi - lo):
+        raise ConfigError(f"mesh {axis_sizes(mesh)}: this process's devices hold rows {starts} of the batch, "
+                          "not one contiguous block; order the mesh so each process holds whole batch shards")
+    return lo // (hi - lo), batch_size // (hi - lo)
+
+
+def global_batch(mesh, local_batch: dict[str, np.ndarray], batch_size: int | None = None) -> dict[str, jax.Array]:
     """Assemble this process's rows into global arrays sharded over the batch axes.
 
-    Process p holds rows [p*b, (p+1)*b) of the global batch (the data pipeline reads only those);
-    jax places them on p's devices, so no process ever sees another's rows.
+    The process holds its part (`batch_part`) of the global batch of `batch_size` rows (default:
+    process count x its rows); jax places the rows on its devices, so no process ever sees rows
+    it does not hold.
     """
     sharding = batch_sharding(mesh)
-    return {
-        k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()
-    }
+    parts = batch_part(mesh, math.prod(axis_sizes(mesh).get(a, 1) for a in BATCH_AXES))[1]
+    out = {}
+    for k, v in local_batch.items():
+        v = np.asarray(v)
+        rows = batch_size if batch_size is not None else v.shape[0] * parts
+        out[k] = jax.make_array_from_process_local_data(sharding, v, (rows,) + v.shape[1:])
+    return out
+
+
+def per_device_bytes(tree, shardings) -> int:
+    """Bytes one device holds of the arrays `tree` (shapes) placed with `shardings`."""
+    total = 0
+    for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)):
+        total += math.prod(s.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
+    return total
 
 
 def check_batch_split(mesh, batch_size: int, grad_accum: int = 1, pipeline_microbatches: int = 1) -> int:

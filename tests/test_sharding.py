@@ -43,6 +43,9 @@ GOLDEN_CASES = {
     "scale_7b_prenorm_tpu_2slices_tp4": (
         "scale_7b_prenorm_tpu", ["mesh.dcn_data=2", "mesh.fsdp=-1", "mesh.tensor=4"], 64),
     "scale_350m_nag_8gpu": ("scale_350m_nag_8gpu", [], 8),
+    # pipeline stages: every stacked block weight splits its `layers` axis over `stage`
+    "tiny_nag_stage2x2x2": ("quickstart", [*TINY, "mesh.stage=2", "mesh.data=1", "mesh.fsdp=2", "mesh.tensor=2"], 8),
+    "scale_7b_deep_nag_tpu_stage4": ("scale_7b_deep_nag_tpu_stage4", [], 32),
 }
 
 
@@ -75,7 +78,7 @@ def test_big_weights_are_sharded_and_optimizer_state_follows():
     the same sharding as their parameter; counts and other leaves are replicated."""
     load_experiments()
     cfg = apply_overrides(get_experiment("quickstart"), [*TINY, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"])
-    mesh = {"dcn": 1, "data": 2, "fsdp": 2, "tensor": 2}
+    mesh = {"dcn": 1, "stage": 1, "data": 2, "fsdp": 2, "tensor": 2}
     from nagjax.train import optim
 
     params = nnx.split(nnx.eval_shape(lambda: build_model(cfg.model)), nnx.Param)[1]
@@ -94,10 +97,13 @@ def test_big_weights_are_sharded_and_optimizer_state_follows():
 
 
 def test_mesh_shapes_and_unknown_axes():
-    assert sharding.mesh_shape(MeshConfig(data=-1, fsdp=2, tensor=2), 8) == (1, 2, 2, 2)
-    assert sharding.mesh_shape(MeshConfig(data=1, fsdp=-1, dcn_data=2), 64) == (2, 1, 32, 1)
+    assert sharding.mesh_shape(MeshConfig(data=-1, fsdp=2, tensor=2), 8) == (1, 1, 2, 2, 2)
+    assert sharding.mesh_shape(MeshConfig(data=1, fsdp=-1, dcn_data=2), 64) == (2, 1, 1, 32, 1)
+    assert sharding.mesh_shape(MeshConfig(data=-1, fsdp=2, stage=2), 8) == (1, 2, 2, 2, 1)
     with pytest.raises(ConfigError, match="devices"):
         sharding.mesh_shape(MeshConfig(data=3, fsdp=1), 8)
+    with pytest.raises(ConfigError, match="mesh.stage=3"):
+        sharding.mesh_shape(MeshConfig(stage=3), 8)
     with pytest.raises(KeyError, match="no sharding rule"):
         sharding.logical_to_spec((4, 4), ("embed", "new_axis"), {"fsdp": 2})
     # not divisible -> that dimension stays whole (recorded in the golden tables)

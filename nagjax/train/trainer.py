@@ -29,6 +29,7 @@ from nagjax.config import Config, ConfigError, config_from_dict
 from nagjax.data import mixture, pipeline
 from nagjax.interrupts import Interrupted, StopSignal
 from nagjax.model.layers import compute_dtype_name
+from nagjax.model import pipeline as pipelining
 from nagjax.model.loops import describe as describe_stack
 from nagjax.model.taper import describe
 from nagjax.train.checkpoint import CheckpointStore, abstract_like, restore_agreed, write_json_atomic
@@ -49,7 +50,8 @@ RESUMABLE_KEYS = ("name", "description", "train.steps", "train.eval_every", "tra
                   "train.spike_factor", "train.strict_resume", "train.async_checkpointing",
                   "train.loggers", "train.wandb_project", "train.wandb_entity",
                   "model.remat", "model.scan_unroll", "model.attention",
-                  "mesh.data", "mesh.fsdp", "mesh.tensor", "mesh.dcn_data")
+                  "mesh.data", "mesh.fsdp", "mesh.tensor", "mesh.dcn_data", "mesh.stage",
+                  "pipeline.microbatches", "pipeline.repeats", "pipeline.cross_stage_cache")
 
 
 @dataclass
@@ -141,14 +143,20 @@ class Trainer:
 
     def _start(self, cfg: Config, tokenizer, for_eval: bool) -> None:
         self.mesh = sharding.make_mesh(cfg.mesh)
-        sharding.check_batch_split(self.mesh, cfg.data.batch_size, cfg.train.grad_accum)
+        stages = cfg.mesh.stage
+        # the pipeline's schedule (None without stages): a model that cannot pipeline stops here
+        self.schedule = pipelining.check(cfg.model, cfg.pipeline, stages) if stages > 1 else None
+        sharding.check_batch_split(self.mesh, cfg.data.batch_size, cfg.train.grad_accum,
+                                   cfg.pipeline.microbatch_count(stages))
+        # the rows this process reads: processes that hold other stages of the same rows read them too
+        self.batch_part = sharding.batch_part(self.mesh, cfg.data.batch_size)
         # Shapes first (nothing allocated), then one jit-compiled init straight into the shardings;
         # a resumed run never initialises, it restores into the abstract state.
         spec = training_state(cfg)
         self.graphdef, self.optimizer, self.lr_fn = spec.graphdef, spec.optimizer, spec.lr_fn
         self.n_params = spec.n_params
         self.data = None if for_eval else pipeline.train_iterator(  # eval reads no training data
-            cfg.data, process_index=jax.process_index(), process_count=jax.process_count()
+            cfg.data, process_index=self.batch_part[0], process_count=self.batch_part[1]
         )
         # Shardings of the whole state from the logical-axis rules (params and optimiser moments
         # sharded alike, the rest replicated); the steps keep them fixed (sharding.shard_steps).
@@ -186,6 +194,14 @@ class Trainer:
             if self.lock is not None:
                 self.lock.release()
 
+    def layout(self) -> str:
+        """The mesh, the pipeline schedule (stages, microbatches, bubble) and the training state
+        one device holds: the line a run starts with."""
+        mesh = ", ".join(f"{k}={v}" for k, v in self.mesh.shape.items() if v > 1) or "1 device"
+        state = sharding.per_device_bytes(self._abstract, self.state_shardings)
+        pipe = "no pipeline" if self.schedule is None else f"pipeline {self.schedule.describe()}"
+        return f"mesh {mesh}; {pipe}; per device: {state / 2**20:,.1f} MiB of parameters and optimiser state"
+
     def _restore(self, step: int) -> tuple[dict, dict]:
         """(state, data-iterator state) of checkpoint `step`, after checking that its run is
         this config's (a mismatch is a ConfigError, never taken for a damaged checkpoint)."""
@@ -204,7 +220,7 @@ class Trainer:
         if self._eval_batches is None:
             self._eval_batches = pipeline.eval_sets(
                 cfg.data, cfg.train.eval_batches,
-                process_index=jax.process_index(), process_count=jax.process_count(),
+                process_index=self.batch_part[0], process_count=self.batch_part[1],
             )
         keys = ("loss_sum", "count", "loss_topk_sum")
         loss, bpb, topk, skip, by_source = 0.0, 0.0, 0.0, 0.0, {}
@@ -296,8 +312,8 @@ class Trainer:
                   f"{self.n_params / 1e6:.2f}M params, {self.flops_per_token / 1e6:.1f} MFLOP/token (train), "
                   f"{tc.steps} steps x {tokens_per_step} tokens -> {self.workdir}", flush=True)
             if cfg.model.taper != "none":
-
                 print(describe(cfg.model), flush=True)
+            print(f"[nagjax] {self.layout()}", flush=True)
         else:
             print(f"[nagjax] resuming {self.workdir} at step {step}/{tc.steps}", flush=True)
         self._warn_if_corpus_repeats()
