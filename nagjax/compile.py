@@ -128,7 +128,7 @@ def compile_report(config: Config, topology: str) -> str:
     cfg = target_config(config, target.platform)
     mesh = sharding.make_mesh(cfg.mesh, target.devices)
     stages = cfg.mesh.stage
-    schedule = pipelining.check(cfg.model, cfg.pipeline, stages) if stages > 1 else None
+    schedule = pipelining.schedule(cfg.model, cfg.pipeline, stages) if stages > 1 else None
     batch_ways = sharding.check_batch_split(mesh, cfg.data.batch_size, cfg.train.grad_accum,
                                             cfg.pipeline.microbatch_count(stages))
     steps, init_state = _abstract_training(cfg)

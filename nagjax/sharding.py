@@ -345,10 +345,12 @@ def stage_count() -> int:
     return 1 if mesh.empty else dict(mesh.shape).get("stage", 1)
 
 
-def batch_shards() -> int:
-    """Ways the batch is split on the mesh in context (1 outside a mesh)."""
+def batch_shards(*, over_stages: bool = False) -> int:
+    """Ways the batch is split on the mesh in context (1 outside a mesh); `over_stages`: as
+    `constrain_stream(..., over_stages=True)` splits it after a pipeline."""
     mesh = jax.sharding.get_abstract_mesh()
-    return 1 if mesh.empty else math.prod(dict(mesh.shape).get(a, 1) for a in BATCH_AXES)
+    axes = BATCH_AXES + (("stage",) if over_stages else ())
+    return 1 if mesh.empty else math.prod(dict(mesh.shape).get(a, 1) for a in axes)
 
 
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
@@ -360,14 +362,23 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, logical_to_spec(x.shape, logical_axes, mesh))
 
 
-def constrain_stream(state: Any) -> Any:
+def constrain_stream(state: Any, *, over_stages: bool = False) -> Any:
     """Constrain every array of a residual-stream state ([b, t, ...]) to batch sharding, replicated
-    over the feature axes. Called at the block boundary of the layer scan."""
+    over the feature axes. Called at the block boundary of the layer scan. `over_stages`: the rows
+    are split over the pipeline stages too (the head and the loss after a pipeline, which would
+    otherwise run once per stage on the same rows); never inside the pipeline's stage vmap."""
+    mesh = jax.sharding.get_abstract_mesh()
+    rules = None
+    if over_stages and not mesh.empty and dict(mesh.shape).get("stage", 1) > 1:
+        rules = {**logical_rules(), "batch": BATCH_AXES + ("stage",)}
 
     def one(x):
         if x.ndim < 2:
             return x
-        return constrain(x, ("batch", "sequence") + ("act_embed",) * (x.ndim - 2))
+        axes = ("batch", "sequence") + ("act_embed",) * (x.ndim - 2)
+        if rules is None:
+            return constrain(x, axes)
+        return jax.lax.with_sharding_constraint(x, logical_to_spec(x.shape, axes, mesh, rules))
 
     return jax.tree.map(one, state)
 

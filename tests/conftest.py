@@ -12,6 +12,7 @@ from __future__ import annotations
 import jax
 import pytest
 
+import nagjax.model  # noqa: F401  (registers the built-in residual schemes: a file run alone needs them)
 from nagjax.config import ModelConfig
 
 TINY_MODEL = dict(vocab_size=97, d_model=32, depth=3, n_heads=4, d_ff=64, compute_dtype="float32")

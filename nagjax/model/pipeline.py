@@ -35,9 +35,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nagjax.config import ConfigError, ModelConfig, ModConfig, PipelineConfig
+from nagjax.config import ConfigError, ModelConfig, PipelineConfig
 from nagjax.model import loops
-from nagjax.sharding import batch_shards, constrain, stage_count, variable_axes
+from nagjax.sharding import batch_shards, constrain, variable_axes
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,8 @@ class Schedule:
 
 
 def schedule(cfg: ModelConfig, pipeline: PipelineConfig | None, stages: int) -> Schedule:
-    """The schedule of `stages` stages; a ConfigError naming the key when the model cannot pipeline."""
+    """The schedule of `stages` stages; a ConfigError naming the key when the model cannot pipeline
+    (the trainer and `nagjax compile` call it at start-up, the model at trace time)."""
     pipeline = pipeline or PipelineConfig()
     sched = Schedule(stages, pipeline.repeats, pipeline.microbatch_count(stages), cfg.executed_depth)
     if cfg.taper != "none":
@@ -94,17 +95,6 @@ def schedule(cfg: ModelConfig, pipeline: PipelineConfig | None, stages: int) -> 
     if sched.microbatches < stages:
         raise ConfigError(f"pipeline.microbatches={sched.microbatches} must be >= mesh.stage={stages}")
     return sched
-
-
-def check(cfg: ModelConfig, pipeline: PipelineConfig, stages: int, mod: ModConfig | None = None) -> Schedule:
-    """Start-up check of a pipelined run (the trainer and `nagjax compile` call it)."""
-    del mod  # every Mixture-of-Depths setting pipelines (exempt blocks: `exempt_slots`)
-    return schedule(cfg, pipeline, stages)
-
-
-def active_stages() -> int:
-    """Stages of the mesh in context: > 1 makes the model's forward pipelined."""
-    return stage_count()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from nagjax.model.layers import ATTENTION, MLP, Attention, SwiGLU, compute_dtype
 from nagjax.model.mod import MoDPolicy, Routing
 from nagjax.model.residual import get_scheme
 from nagjax.model.residual.base import State, StepContext, Sublayer
-from nagjax.sharding import constrain, constrain_stream
+from nagjax.sharding import constrain, constrain_stream, stage_count
 
 # What the backward pass keeps of each block's forward (`model.remat`; "none" keeps everything):
 #   full            only the block's input; the whole block is recomputed
@@ -277,7 +277,7 @@ class Transformer(nnx.Module):
         if positions_bt is None:
             b, t = jax.tree.leaves(state)[0].shape[:2]
             positions_bt = jnp.broadcast_to(jnp.arange(t), (b, t))
-        stages = pipeline_lib.active_stages()
+        stages = stage_count()
         if stages > 1 and call is None and side is None and blocks is None and per_block is None:
             return self._run_pipelined(state, positions_bt, ctx, stages)
         if side is not None:
@@ -426,7 +426,8 @@ class Transformer(nnx.Module):
         if scheme.cross_stage is not None and self.pipeline.cross_stage_cache:
             cross = scheme.cross_stage(self.cfg, sched)
         state, ys = pipeline_lib.run(sched, state, positions_bt, piece_fn, cross, inputs)
-        return constrain_stream(state), ys
+        # the head and the loss then run on each row once, not once per stage
+        return constrain_stream(state, over_stages=True), ys
 
     def _run_unstacked(self, blocks: list, carry, ctx: StepContext, per_block, body):
         """`run_blocks` over per-block parameters, one block after another (same segments)."""

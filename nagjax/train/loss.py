@@ -66,7 +66,7 @@ def token_losses(logits_fn, state: dict, targets_bt, chunk_len: int):
     @jax.checkpoint  # the backward recomputes a chunk's logits instead of saving them
     def one(_, xs):
         state_c, targets_c = xs
-        return None, selected_cross_entropy(logits_fn(constrain_stream(state_c)), targets_c)
+        return None, selected_cross_entropy(logits_fn(constrain_stream(state_c, over_stages=True)), targets_c)
 
     _, losses = jax.lax.scan(one, None, (jax.tree.map(chunks, state), chunks(targets_bt)))
     return losses.swapaxes(0, 1).reshape(b, n_chunks * chunk_len)[:, :t]

@@ -68,7 +68,7 @@ def microbatches(batch: dict, n: int) -> dict:
 def token_loss(model, state: dict, targets_bt, loss_chunk_tokens: int = 0):
     """Per-token cross-entropy of a final stream state, in chunks when the logits are large."""
     b, t = targets_bt.shape
-    chunk = chunk_length(max(b // batch_shards(), 1), t, model.cfg.vocab_size, loss_chunk_tokens)
+    chunk = chunk_length(max(b // batch_shards(over_stages=True), 1), t, model.cfg.vocab_size, loss_chunk_tokens)
     return token_losses(model.logits, model.stream.head_inputs(state), targets_bt, chunk)
 
 

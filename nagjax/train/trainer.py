@@ -145,7 +145,7 @@ class Trainer:
         self.mesh = sharding.make_mesh(cfg.mesh)
         stages = cfg.mesh.stage
         # the pipeline's schedule (None without stages): a model that cannot pipeline stops here
-        self.schedule = pipelining.check(cfg.model, cfg.pipeline, stages) if stages > 1 else None
+        self.schedule = pipelining.schedule(cfg.model, cfg.pipeline, stages) if stages > 1 else None
         sharding.check_batch_split(self.mesh, cfg.data.batch_size, cfg.train.grad_accum,
                                    cfg.pipeline.microbatch_count(stages))
         # the rows this process reads: processes that hold other stages of the same rows read them too
