@@ -84,8 +84,8 @@ def resolve_target(topology: str) -> Target:
     try:
         desc = topologies.get_topology_desc(topology_name=topo_name, platform="tpu")
     except Exception as e:  # RuntimeError without libtpu, XlaRuntimeError for a bad name
-        hint = ("TPU topologies need libtpu: `pip install 'nagjax[tpu]'` (or `pip install libtpu` "
-                "matching your jax), which works on a CPU-only machine"
+        hint = ("TPU topologies need libtpu: `pip install 'nagjax[tpu]'` (it pins the libtpu this jax reads; "
+                "a newer libtpu compiles but its programs cannot be read back), which works on a CPU-only machine"
                 if "not installed" in str(e) or "libtpu" in str(e).lower() else "check the name")
         raise TopologyError(
             f"this jax build ({jax.__version__}) cannot describe TPU topology {topo_name!r}: "
@@ -197,10 +197,15 @@ def compile_report(config: Config, topology: str) -> str:
             lines.append(f"  device memory {_gib(limit)}: {verdict}")
     else:
         lines.append("  (this backend reports no memory analysis for compiled programs)")
-    optimised = compiled.as_text()
-    lines += ["", "data movement around the layer loop (optimised HLO; model.remat and model.scan_unroll change it):",
-              "  " + hlo.format_movement(hlo.data_movement(optimised)),
-              "  " + hlo.format_collectives(hlo.collectives(optimised))]
+    lines += ["", "data movement around the layer loop (optimised HLO; model.remat and model.scan_unroll change it):"]
+    try:
+        optimised = compiled.as_text()
+    except jax.errors.JaxRuntimeError as error:  # e.g. a libtpu newer than this jaxlib reads back
+        lines.append(f"  unavailable: the compiled program's text could not be read ({str(error).splitlines()[0]}); "
+                     "install the libtpu your jax pins: pip install 'nagjax[tpu]'")
+    else:
+        lines += ["  " + hlo.format_movement(hlo.data_movement(optimised)),
+                  "  " + hlo.format_collectives(hlo.collectives(optimised))]
     lines += ["", "parameter shardings (path, shape, logical axes, mesh axes, per-device shape):"]
     rows = sharding.sharding_table(abstract["params"], mesh)
     width = max(len(r[0]) for r in rows)

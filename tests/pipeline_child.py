@@ -30,6 +30,11 @@ SCHEMES = {
     "nag": ["model.residual=nag"],
     "nag_mod": ["model.residual=nag", "mod.rate=0.25"],  # exempt first block: dense and routed slots
     "attnres_block": ["model.residual=attnres", "model.attnres.block_size=2"],
+    # the rest of the matrix (benchmarks/pipeline_equivalence.py)
+    "lns": ["model.residual=lns"],
+    "attnres_full": ["model.residual=attnres", "model.attnres.block_size=1"],
+    "nag_kernel_remat": ["model.residual=nag", "model.nag.kernel=pallas", "mod.rate=0.25", "model.remat=full"],
+    "nag_loop_mod": ["model.residual=nag", "model.repeat=2", "mod.rate=0.25", "model.remat=dots"],
 }
 # layout -> (mesh, pipeline overrides)
 LAYOUTS = {

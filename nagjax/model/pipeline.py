@@ -209,9 +209,12 @@ def _select(pred, a, b):
 def run(sched: Schedule, state, positions_bt, piece_fn, cross, piece_inputs):
     """The pipelined forward of the stream `state` ([B, ...] leaves) through every piece.
 
-    `piece_fn(state, inputs, piece, positions_bt) -> (state, ys)` runs one piece (k positions,
-    ys [k, ...]) on one microbatch; `inputs` is this piece's slice of `piece_inputs` (leaves
-    [v, p, k, ...]: weights, per-pass residuals, thresholds), `piece` its index q = r p + s.
+    `piece_fn(state, inputs, repeat, piece, positions_bt) -> (state, ys)` runs one piece (k
+    positions, ys [k, ...]) on one microbatch; `inputs` is the stage's part of `piece_inputs`
+    (leaves [v, p, k, ...] -> [v, k, ...]: weights, per-pass residuals, thresholds), of which the
+    piece reads row `repeat`, and `piece` is its index q = r p + s. The stage's part is the same in
+    every iteration: a piece that reads its block's row inside its rematerialised block keeps
+    nothing of the weights per iteration for the backward pass.
     `cross` is the scheme's cross-stage rule (`WholeState`). Returns (final state [B, ...],
     ys [E, ...] averaged over microbatches, as `train.grad_accum` averages its microbatches).
     """
@@ -236,8 +239,7 @@ def run(sched: Schedule, state, positions_bt, piece_fn, cross, piece_inputs):
         piece = repeat * p + stage
         kept = jax.tree.map(lambda x: x[microbatch], kept_all)
         start = cross.receive(kept, message, piece)
-        out, ys = piece_fn(start, jax.tree.map(lambda x: x[repeat], inputs), piece,
-                           jax.tree.map(lambda x: x[microbatch], positions))
+        out, ys = piece_fn(start, inputs, repeat, piece, jax.tree.map(lambda x: x[microbatch], positions))
         kept_all = jax.tree.map(lambda a, new, old: a.at[microbatch].set(jnp.where(valid, new, old)),
                                 kept_all, out, kept)
         totals = jax.tree.map(lambda tot, y: tot.at[repeat].add(jnp.where(valid, y.astype(jnp.float32), 0.0)),
@@ -248,8 +250,8 @@ def run(sched: Schedule, state, positions_bt, piece_fn, cross, piece_inputs):
 
     ring = jax.tree.map(lambda x: jnp.broadcast_to(x, (p,) + x.shape), fresh(jnp.int32(0)))
     kept = jax.tree.map(lambda x: jnp.zeros((p, m) + x.shape[1:], x.dtype), micro)
-    _, ys_shape = jax.eval_shape(lambda: jax.vmap(piece_fn, in_axes=(None, 0, None, None))(
-        jax.tree.map(lambda x: x[0], micro), jax.tree.map(lambda x: x[0], piece_inputs), jnp.int32(0),
+    _, ys_shape = jax.eval_shape(lambda: jax.vmap(piece_fn, in_axes=(None, 1, None, None, None))(
+        jax.tree.map(lambda x: x[0], micro), piece_inputs, jnp.int32(0), jnp.int32(0),
         jax.tree.map(lambda x: x[0], positions)))
     carry = {"ring": _constrain_staged(ring), "kept": _constrain_staged(kept, ("stage", None)),
              "totals": jax.tree.map(lambda s: jnp.zeros((s.shape[0], v) + s.shape[1:], jnp.float32), ys_shape)}
@@ -278,7 +280,12 @@ def run(sched: Schedule, state, positions_bt, piece_fn, cross, piece_inputs):
         return new, None
 
     carry, _ = jax.lax.scan(iteration, carry, jnp.arange(sched.iterations, dtype=jnp.int32))
-    final = join_microbatches(jax.tree.map(lambda x: x[p - 1], carry["kept"]))
+    # the last stage's copy, as a sum over the stage axis of the copies masked to it (a reduction
+    # XLA partitions; indexing the stage-sharded axis gathered every stage's copy first)
+    last = stage_ids == p - 1
+    final = join_microbatches(jax.tree.map(
+        lambda x: jnp.sum(jnp.where(last.reshape((p,) + (1,) * (x.ndim - 1)), x, jnp.zeros((), x.dtype)), axis=0),
+        carry["kept"]))
     ys = jax.tree.map(lambda tot, s: (tot.swapaxes(0, 1).reshape((sched.positions,) + tot.shape[3:]) / m)
                       .astype(s.dtype), carry["totals"], ys_shape)
     return final, ys

@@ -392,33 +392,32 @@ class Transformer(nnx.Module):
         dense_ctx = dataclasses.replace(ctx, routing=dataclasses.replace(routing, mode="dense"))
         routed_ctx = dataclasses.replace(ctx, routing=routing)
 
-        def piece_fn(start, mine, piece, positions):
+        def piece_fn(start, stage_inputs, repeat, piece, positions):
             first = piece * k  # the executed position of the piece's first block
 
-            def forward(carry, x, seg_ctx):
-                j, weights, residual, tau = x
-                block = nnx.merge(graphdef, weights)
-                if residual is not None:
-                    block.residual = nnx.merge(res_graphdef, residual)
+            def forward(carry, j, seg_ctx):
+                # this block's row of the stage's inputs, read inside the (rematerialised) block
+                mine = jax.tree.map(lambda x: x[repeat, j], stage_inputs)
+                block = nnx.merge(graphdef, mine["weights"])
+                if "residuals" in mine:
+                    block.residual = nnx.merge(res_graphdef, mine["residuals"])
                 carry = constrain_stream(carry)
-                if tau is not None:
-                    seg_ctx = dataclasses.replace(seg_ctx, routing=dataclasses.replace(seg_ctx.routing, tau=tau))
+                if "tau" in mine:
+                    seg_ctx = dataclasses.replace(seg_ctx, routing=dataclasses.replace(seg_ctx.routing, tau=mine["tau"]))
                 return block(carry, positions, first + j, seg_ctx)
 
-            def either(carry, x):
-                dense, routed = forward(carry, x, dense_ctx), forward(carry, x, routed_ctx)
-                return jax.tree.map(lambda a, b: jnp.where(first + x[0] < exempt, a, b), dense, routed)
+            def either(carry, j):
+                dense, routed = forward(carry, j, dense_ctx), forward(carry, j, routed_ctx)
+                return jax.tree.map(lambda a, b: jnp.where(first + j < exempt, a, b), dense, routed)
 
-            xs = (jnp.arange(k, dtype=jnp.int32), mine["weights"], mine.get("residuals"), mine.get("tau"))
+            slots = jnp.arange(k, dtype=jnp.int32)
             both = min(exempt, k)
             outputs = []
             if both:
-                head = jax.tree.map(lambda x: x[:both], xs)
-                start, ys = self._scan(either, start, head, both)
+                start, ys = self._scan(either, start, slots[:both], both)
                 outputs.append(ys)
             if both < k:
-                tail = jax.tree.map(lambda x: x[both:], xs)
-                start, ys = self._scan(functools.partial(forward, seg_ctx=routed_ctx), start, tail, k - both)
+                start, ys = self._scan(functools.partial(forward, seg_ctx=routed_ctx), start, slots[both:], k - both)
                 outputs.append(ys)
             return start, _joined(outputs)
 
