@@ -9,8 +9,11 @@ microbatch crosses p v hops; without the cache every hop carries the whole sourc
 with it a window of W slots (the summaries written since the receiving stage last held that
 microbatch). Per microbatch that is p v N slots (O(N^2 d) when p v ~ N, as with Full AttnRes)
 against the sum of the windows (O(N d): each summary crosses about p hops). Predicted bytes per
-device and step = 2 (forward + backward) x iterations x (slots x local rows x t x d + the `filled`
-mask N x local rows x t) x 4 bytes. `--save` writes benchmarks/results/pipeline_attnres_cache.txt.
+device and step = 3 x iterations x (slots x local rows x t x d + the `filled` mask N x local rows
+x t) x 4 bytes: one permute per iteration forward, and two backward (XLA lowers the transpose of
+the ring's roll as two collective-permutes, the wrap-around and the rest, each of the message's
+shape). Measured minus predicted is what else permutes: with repeats > 1, the circular schedule's
+re-arrangement of the block weights. `--save` writes benchmarks/results/pipeline_attnres_cache.txt.
 """
 
 from __future__ import annotations
@@ -72,7 +75,7 @@ def predicted(model: ModelConfig, pipe: PipelineConfig, slots: int) -> float:
     sched = pipeline.schedule(model, pipe, STAGES)
     rows = BATCH // sched.microbatches // DATA
     message = (slots * rows * SEQ * D + n_sources(model) * rows * SEQ) * 4
-    return 2 * sched.iterations * message
+    return 3 * sched.iterations * message
 
 
 def main() -> None:
