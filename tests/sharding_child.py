@@ -1,12 +1,15 @@
 """Run by tests/test_sharding.py in a subprocess with 8 forced CPU devices (XLA_FLAGS is set
 before jax starts): trains tiny models on several meshes through the real Trainer (pipelined
 meshes included), saves on one mesh and restores on others (a stage=4 pipeline's checkpoint on
-stage=1 and stage=2), and prints one JSON object of losses and checks."""
+stage=1 and stage=2), SIGKILLs and resumes a stage=2 `nagjax train` process, and prints one JSON
+object of losses and checks."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -18,6 +21,7 @@ from nagjax import runtime, sharding
 from nagjax.config import apply_overrides
 from nagjax.registry import get_experiment, load_experiments
 from nagjax.train import trainer as trainer_mod
+from nagjax.train.checkpoint import CheckpointStore
 from nagjax.train.logging import read_metrics
 
 STEPS = 3
@@ -161,7 +165,31 @@ def main(root: Path) -> dict:
             "final_params_rel_diff": max(float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
                                          for a, b in zip(after, final["nag_pipe", "s4-2,1,1"])),
         }
+    out["sigkill"] = sigkill_then_resume(root / "sigkill-s2")
     return out
+
+
+def sigkill_then_resume(workdir: Path) -> dict:
+    """The stage=2 run of `nag_pipe` again, as `nagjax train` processes (8 devices, this process's
+    environment: its compiled programs come from the compilation cache): SIGKILLed once it has
+    logged its last step, before saving it, then resumed from its step-2 checkpoint (written
+    synchronously: a resumable key, certain to be committed) to the end."""
+    from test_train import CHILD  # the CLI, killed at a chosen point
+
+    cmd = [sys.executable, "-c", CHILD, "train", "--workdir", str(workdir), "--set",
+           *overrides("nag_pipe", PIPE_MESHES["s2-2,2,1"]), "train.checkpoint_every=2",
+           "train.async_checkpointing=false"]
+    killed = subprocess.run(cmd, env={**os.environ, "KILL_AFTER_LOGGED_STEP": str(PIPE_STEPS)},
+                            capture_output=True, text=True, timeout=600)
+    checkpoints = workdir / "checkpoints"
+    out = {"killed_rc": killed.returncode, "killed_stderr": killed.stderr[-3000:], "before": losses_by_step(workdir),
+           "committed": CheckpointStore(checkpoints, read_only=True).all_steps() if checkpoints.is_dir() else []}
+    resumed = subprocess.run(cmd, env=os.environ, capture_output=True, text=True, timeout=600)
+    log = workdir / "logs" / "metrics.jsonl"
+    rows = [json.loads(line) for line in (log.read_text().splitlines() if log.exists() else []) if line.strip()]
+    return {**out, "resumed_rc": resumed.returncode, "resumed_stderr": resumed.stderr[-3000:],
+            "resumed_line": next((l for l in resumed.stdout.splitlines() if "resuming" in l), ""),
+            "logged_steps": [r["step"] for r in rows if "train/loss" in r], "after": losses_by_step(workdir)}
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Sharded training: logical-axis rules against golden tables, equal losses on every mesh (pipeline
-stages included), checkpoints that restore onto another mesh, device count or stage count, and a
-real 2-process run.
+stages included), checkpoints that restore onto another mesh, device count or stage count, exact
+resume of a SIGKILLed pipelined run, and a real 2-process run.
 
 The multi-device checks run in subprocesses with forced host devices (the rest of the suite keeps
 one device in this process): `sharding_child.py` (8 devices in one process) and
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -216,6 +217,22 @@ def test_a_stage4_checkpoint_restores_on_other_stage_counts(eight_devices, targe
     assert out["final_params_rel_diff"] <= 1e-5, (
         f"{target}: parameters after the step vs the uninterrupted run's: {out['final_params_rel_diff']:.2e} "
         "of an array's largest entry (4.2e-7 on 1 device, 9.3e-7 on stage=2 when written)")
+
+
+def test_sigkill_then_resume_on_a_pipelined_mesh_is_bit_exact(eight_devices):
+    """`nagjax train` of the stage=2 run (stage 2, data 2, fsdp 2), SIGKILLed once it has logged
+    its last step (4) before saving it, resumes from its step-2 checkpoint and redoes steps 3 and
+    4: every loss, before the kill and after the resume, equal to the bit to the uninterrupted
+    in-process run of the same config on the same mesh."""
+    out = eight_devices["sigkill"]
+    assert out["killed_rc"] == -signal.SIGKILL, out["killed_stderr"]
+    assert out["committed"] == [2]
+    assert out["resumed_rc"] == 0, out["resumed_stderr"]
+    assert out["resumed_line"].endswith("at step 2/4")
+    assert out["logged_steps"] == [1, 2, 3, 4, 3, 4]  # steps 3 and 4 computed again after the restore
+    uninterrupted = {str(step): loss for step, loss in enumerate(eight_devices["losses"]["nag_pipe"]["s2-2,2,1"], 1)}
+    assert out["before"] == uninterrupted
+    assert out["after"] == uninterrupted
 
 
 @pytest.mark.parametrize("target", ["8,1,1", "1"])
