@@ -93,7 +93,8 @@ def compare(scheme: str, layout: str) -> dict:
     return {
         "loss": float(loss0),
         "loss_diff": abs(float(loss) - float(loss0)),
-        "grad_diff": max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(grads0), jax.tree.leaves(grads))),
+        "grad_diff": max(float(jnp.max(jnp.abs(a - b)))
+                         for a, b in zip(jax.tree.leaves(grads0), jax.tree.leaves(grads))),
         "grad_scale": max(float(jnp.max(jnp.abs(a))) for a in jax.tree.leaves(grads0)),
         "iterations": sched.iterations,
         "collectives": hlo.collectives(text),

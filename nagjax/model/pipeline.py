@@ -73,9 +73,10 @@ class Schedule:
         return (self.stages - 1) / self.iterations
 
     def describe(self) -> str:
-        return (f"{self.stages} stages x {self.repeats} repeat{'s' if self.repeats > 1 else ''} of "
-                f"{self.per_piece} blocks, {self.microbatches} microbatches: {self.iterations} iterations, "
-                f"bubble {self.bubble:.1%}")
+        blocks = f"{self.per_piece} block{'s' if self.per_piece > 1 else ''}"
+        repeats = f"{self.repeats} repeat{'s' if self.repeats > 1 else ''}"
+        return (f"{self.stages} stages x {repeats} of {blocks}, {self.microbatches} microbatches: "
+                f"{self.iterations} iterations, bubble {self.bubble:.1%}")
 
 
 def schedule(cfg: ModelConfig, pipeline: PipelineConfig | None, stages: int) -> Schedule:

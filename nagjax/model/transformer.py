@@ -403,7 +403,8 @@ class Transformer(nnx.Module):
                     block.residual = nnx.merge(res_graphdef, mine["residuals"])
                 carry = constrain_stream(carry)
                 if "tau" in mine:
-                    seg_ctx = dataclasses.replace(seg_ctx, routing=dataclasses.replace(seg_ctx.routing, tau=mine["tau"]))
+                    routing_j = dataclasses.replace(seg_ctx.routing, tau=mine["tau"])
+                    seg_ctx = dataclasses.replace(seg_ctx, routing=routing_j)
                 return block(carry, positions, first + j, seg_ctx)
 
             def either(carry, j):
