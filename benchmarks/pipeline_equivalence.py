@@ -21,6 +21,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def jax_version() -> str:
+    from importlib.metadata import version
+
+    return version("jax")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--save", action="store_true")
@@ -30,7 +36,8 @@ def main() -> None:
     out = subprocess.run([sys.executable, str(ROOT / "tests" / "pipeline_child.py"), "all"], env=env,
                          capture_output=True, text=True, check=True)
     results = json.loads(out.stdout.strip().splitlines()[-1])
-    lines = [f"# python benchmarks/pipeline_equivalence.py  ({datetime.date.today()}, 8 forced CPU devices, "
+    lines = [f"# python benchmarks/pipeline_equivalence.py  ({datetime.date.today()}, jax {jax_version()}, "
+             "8 forced CPU devices, "
              "float32; tiny model d=32, 4 blocks unless the layout says 8, batch 16 x 32)",
              f"{'scheme:layout':<40} {'loss':>10} {'|dloss|':>10} {'max|dgrad|':>11} {'max|grad|':>10} {'iters':>5}"]
     for case, r in results.items():
