@@ -100,6 +100,19 @@ def test_configs_that_cannot_pipeline_fail_naming_the_key():
         pipeline.schedule(ModelConfig(depth=4, vocab_size=64, taper="linear"), PipelineConfig(), 2)
 
 
+def test_a_run_that_cannot_pipeline_stops_before_touching_its_workdir(tmp_path):
+    from conftest import TINY_RUN
+    from nagjax.config import apply_overrides
+    from nagjax.registry import get_experiment, load_experiments
+    from nagjax.train.trainer import Trainer
+
+    load_experiments()
+    cfg = apply_overrides(get_experiment("quickstart"), [*TINY_RUN, "model.depth=3", "mesh.stage=2"])
+    with pytest.raises(ConfigError, match="model.depth=3 does not split into mesh.stage x pipeline.repeats"):
+        Trainer(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 def test_attnres_windows_cover_what_the_receiver_lacks():
     """Simulate the buffer a stage holds per microbatch: after every hop it equals the sender's."""
     from nagjax.config import apply_overrides

@@ -128,6 +128,9 @@ class Trainer:
         # The data and config are checked before the workdir is touched: bad input changes nothing.
         tokenizer = mixture.tokenizer_of(config.data)  # loaded once: resolve, and the run's copy
         self.config = cfg = resolve(config, tokenizer)
+        # the pipeline's schedule (None without stages): a model that cannot pipeline stops here
+        self.schedule = (pipelining.schedule(cfg.model, cfg.pipeline, cfg.mesh.stage)
+                         if cfg.mesh.stage > 1 else None)
         self.workdir.mkdir(parents=True, exist_ok=True)
         # One trainer per workdir (eval only reads); then the checkpoints. Whatever fails from here
         # on closes both before it propagates (no manager left to the interpreter's shutdown).
@@ -143,11 +146,8 @@ class Trainer:
 
     def _start(self, cfg: Config, tokenizer, for_eval: bool) -> None:
         self.mesh = sharding.make_mesh(cfg.mesh)
-        stages = cfg.mesh.stage
-        # the pipeline's schedule (None without stages): a model that cannot pipeline stops here
-        self.schedule = pipelining.schedule(cfg.model, cfg.pipeline, stages) if stages > 1 else None
         sharding.check_batch_split(self.mesh, cfg.data.batch_size, cfg.train.grad_accum,
-                                   cfg.pipeline.microbatch_count(stages))
+                                   cfg.pipeline.microbatch_count(cfg.mesh.stage))
         # the rows this process reads: processes that hold other stages of the same rows read them too
         self.batch_part = sharding.batch_part(self.mesh, cfg.data.batch_size)
         # Shapes first (nothing allocated), then one jit-compiled init straight into the shardings;
