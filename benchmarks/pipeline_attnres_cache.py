@@ -13,7 +13,7 @@ device and step = 3 x iterations x (slots x local rows x t x d + the `filled` ma
 x t) x 4 bytes: one permute per iteration forward, and two backward (XLA lowers the transpose of
 the ring's roll as two collective-permutes, the wrap-around and the rest, each of the message's
 shape). Measured minus predicted is what else permutes: with repeats > 1, the circular schedule's
-re-arrangement of the block weights. `--save` writes benchmarks/results/pipeline_attnres_cache.txt.
+re-arrangement of the block weights. `--save` writes benchmarks/results/pipeline_attnres_cache_cpu.txt.
 """
 
 from __future__ import annotations
@@ -24,24 +24,18 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import argparse  # noqa: E402
-import datetime  # noqa: E402
+import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-import nagjax.model  # noqa: E402,F401  (registers the schemes)
-from nagjax import sharding  # noqa: E402
-from nagjax.analysis import hlo  # noqa: E402
+from benchmarks import common  # noqa: E402 - the shared saving helper
 from nagjax.config import ModelConfig, PipelineConfig, apply_overrides  # noqa: E402
 from nagjax.model import pipeline  # noqa: E402
-from nagjax.model.mod import MoDPolicy  # noqa: E402
 from nagjax.model.residual.attnres import AttnResCrossStage, n_sources  # noqa: E402
 from nagjax.registry import get_experiment, load_experiments  # noqa: E402
-from nagjax.train.state import training_state  # noqa: E402
-from nagjax.train.step import train_loss  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
+from pipeline_child import step_collectives  # noqa: E402 - the compiled step the tests census
 BATCH, SEQ, D = 16, 64, 64
 STAGES, DATA = 4, 2
 # (depth, block_size, repeats): Block AttnRes with N = 9 sources, and Full AttnRes (block_size 1)
@@ -49,26 +43,12 @@ ROWS = [(16, 4, 1), (16, 4, 2), (16, 4, 4), (32, 8, 4), (16, 1, 2), (16, 1, 4)]
 
 
 def census(depth: int, block: int, repeats: int, cache: bool) -> dict:
-    cfg = apply_overrides(get_experiment("quickstart"), ["model.residual=attnres", 
-        f"model.d_model={D}", f"model.depth={depth}", "model.n_heads=4", f"model.d_ff={4 * D}",
+    cfg = apply_overrides(get_experiment("quickstart"), [
+        "model.residual=attnres", f"model.d_model={D}", f"model.depth={depth}", "model.n_heads=4", f"model.d_ff={4 * D}",
         "model.vocab_size=512", f"model.attnres.block_size={block}", f"data.batch_size={BATCH}",
         f"data.seq_len={SEQ}", f"mesh.stage={STAGES}", f"mesh.data={DATA}", f"pipeline.repeats={repeats}",
         f"pipeline.microbatches={STAGES}", f"pipeline.cross_stage_cache={str(cache).lower()}"])
-    spec = training_state(cfg)
-    policy = MoDPolicy.of(cfg.model, cfg.mod)
-    mesh = sharding.make_mesh(cfg.mesh)
-    abstract = jax.eval_shape(spec.init)["params"]
-    shardings = sharding.state_shardings(mesh, abstract)
-    params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
-    tokens = jax.ShapeDtypeStruct((BATCH, SEQ), jnp.int32, sharding=sharding.batch_sharding(mesh))
-
-    def step(params, batch):
-        loss = lambda p: train_loss(spec.graphdef, p, batch, jnp.int32(0), policy.train_routing(SEQ))[0]
-        return jax.value_and_grad(loss)(params)
-
-    with jax.set_mesh(mesh):
-        text = jax.jit(step).lower(params, {"inputs": tokens, "targets": tokens}).compile().as_text()
-    return {"census": hlo.collectives(text)["collective-permute"], "model": cfg.model, "pipeline": cfg.pipeline}
+    return {"census": step_collectives(cfg)["collective-permute"], "model": cfg.model, "pipeline": cfg.pipeline}
 
 
 def predicted(model: ModelConfig, pipe: PipelineConfig, slots: int) -> float:
@@ -83,9 +63,8 @@ def main() -> None:
     parser.add_argument("--save", action="store_true")
     args = parser.parse_args()
     load_experiments()
-    lines = [f"# python benchmarks/pipeline_attnres_cache.py  ({datetime.date.today()}, jax {jax.__version__}, "
-             f"compiled for 8 CPU devices: {STAGES} stages x {DATA} data, {STAGES} microbatches, batch {BATCH} x "
-             f"{SEQ}, d={D}, float32)",
+    lines = [f"# compiled for 8 CPU devices: {STAGES} stages x {DATA} data, {STAGES} microbatches, batch {BATCH} x "
+             f"{SEQ}, d={D}, float32",
              "# slots per microbatch over its p*v hops: whole = p v N, cached = sum of the windows; KiB = "
              "collective-permute KiB per device and step (measured / predicted)",
              f"{'depth':>5} {'S':>3} {'v':>2} {'N':>3} {'W':>3} {'slots whole':>11} {'slots cached':>12} "
@@ -102,10 +81,9 @@ def main() -> None:
             f"{depth:>5} {block:>3} {repeats:>2} {n:>3} {w:>3} {hops * n:>11} {hops * w:>12} "
             f"{measured_w:>8.0f} / {predicted(model, pipe, n) / 1024:<6.0f} "
             f"{measured_c:>8.0f} / {predicted(model, pipe, w) / 1024:<6.0f} {measured_c / measured_w:>12.2f}")
-    text = "\n".join(lines)
-    print(text)
+    print("\n".join(lines))
     if args.save:
-        (ROOT / "benchmarks" / "results" / "pipeline_attnres_cache.txt").write_text(text + "\n")
+        common.save("pipeline_attnres_cache", lines, command=common.command_line("pipeline_attnres_cache.py"))
 
 
 if __name__ == "__main__":

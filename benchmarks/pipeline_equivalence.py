@@ -5,13 +5,12 @@ tests/pipeline_child.py (the test suite checks one layout per scheme; this is th
 
 Runs on 8 forced CPU devices in a subprocess and prints one row per case: the 1-device loss, the
 absolute loss difference, the largest absolute gradient difference and the largest gradient entry.
-`--save` also writes benchmarks/results/pipeline_equivalence.txt.
+`--save` also writes benchmarks/results/pipeline_equivalence_cpu.txt.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import subprocess
@@ -19,12 +18,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-
-def jax_version() -> str:
-    from importlib.metadata import version
-
-    return version("jax")
+from benchmarks import common  # noqa: E402 - the shared saving helper
 
 
 def main() -> None:
@@ -36,19 +32,17 @@ def main() -> None:
     out = subprocess.run([sys.executable, str(ROOT / "tests" / "pipeline_child.py"), "all"], env=env,
                          capture_output=True, text=True, check=True)
     results = json.loads(out.stdout.strip().splitlines()[-1])
-    lines = [f"# python benchmarks/pipeline_equivalence.py  ({datetime.date.today()}, jax {jax_version()}, "
-             "8 forced CPU devices, "
-             "float32; tiny model d=32, 4 blocks unless the layout says 8, batch 16 x 32)",
+    lines = ["# in a child process on 8 forced CPU devices, float32; tiny model d=32, 4 blocks unless the "
+             "layout says 8, batch 16 x 32",
              f"{'scheme:layout':<40} {'loss':>10} {'|dloss|':>10} {'max|dgrad|':>11} {'max|grad|':>10} {'iters':>5}"]
     for case, r in results.items():
         lines.append(f"{case:<40} {r['loss']:>10.5f} {r['loss_diff']:>10.2e} {r['grad_diff']:>11.2e} "
                      f"{r['grad_scale']:>10.3f} {r['iterations']:>5}")
     worst = max(r["grad_diff"] / r["grad_scale"] for r in results.values())
     lines.append(f"largest gradient difference relative to the largest gradient entry: {worst:.2e}")
-    text = "\n".join(lines)
-    print(text)
+    print("\n".join(lines))
     if args.save:
-        (ROOT / "benchmarks" / "results" / "pipeline_equivalence.txt").write_text(text + "\n")
+        common.save("pipeline_equivalence", lines, command=common.command_line("pipeline_equivalence.py"))
 
 
 if __name__ == "__main__":

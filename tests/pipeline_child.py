@@ -57,18 +57,25 @@ def config(scheme: str, extra=()):
         *SCHEMES[scheme], *extra])
 
 
-def loss_and_grads(cfg, mesh_kw=None):
-    """(loss, grads, compiled HLO) of one batch: on device 0, or on a mesh of the 8 devices."""
+def loss_and_grads_fn(cfg):
+    """(training state spec, fn(params, batch) -> (loss, grads)): the one step every case compiles."""
     spec = training_state(cfg)
-    params = jax.jit(spec.init)()["params"]
     policy = MoDPolicy.of(cfg.model, cfg.mod)
-    rng = np.random.default_rng(0)
-    batch = {k: rng.integers(0, cfg.model.vocab_size, (BATCH, SEQ)).astype(np.int32) for k in ("inputs", "targets")}
+    routing = policy.train_routing(cfg.data.seq_len)
 
     def fn(params, batch):
-        loss = lambda p: train_loss(spec.graphdef, p, batch, jnp.int32(5), policy.train_routing(SEQ))[0]
+        loss = lambda p: train_loss(spec.graphdef, p, batch, jnp.int32(5), routing)[0]
         return jax.value_and_grad(loss)(params)
 
+    return spec, fn
+
+
+def loss_and_grads(cfg, mesh_kw=None):
+    """(loss, grads, compiled HLO) of one batch: on device 0, or on a mesh of the 8 devices."""
+    spec, fn = loss_and_grads_fn(cfg)
+    params = jax.jit(spec.init)()["params"]
+    rng = np.random.default_rng(0)
+    batch = {k: rng.integers(0, cfg.model.vocab_size, (BATCH, SEQ)).astype(np.int32) for k in ("inputs", "targets")}
     if mesh_kw is None:
         (loss, grads) = jax.jit(fn)(params, batch)
         return loss, grads, None
@@ -101,22 +108,16 @@ def compare(scheme: str, layout: str) -> dict:
     }
 
 
-def permute_bytes(scheme: str, overrides) -> dict:
-    """The collectives of a compiled stage=2 step (compile only)."""
-    cfg = config(scheme, overrides)
-    spec = training_state(cfg)
-    mesh = sharding.make_mesh(MeshConfig(stage=int(dict(o.split("=") for o in overrides).get("mesh.stage", 1)),
-                                         data=-1))
-    policy = MoDPolicy.of(cfg.model, cfg.mod)
+def step_collectives(cfg) -> dict:
+    """The collectives census of `cfg`'s loss-and-gradient step compiled (not run) on its mesh
+    (`cfg.mesh` over the devices of this process); also benchmarks/pipeline_attnres_cache.py's."""
+    spec, fn = loss_and_grads_fn(cfg)
+    mesh = sharding.make_mesh(cfg.mesh)
     abstract = jax.eval_shape(spec.init)["params"]
     shardings = sharding.state_shardings(mesh, abstract)
     params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
-    tokens = jax.ShapeDtypeStruct((BATCH, SEQ), jnp.int32, sharding=sharding.batch_sharding(mesh))
-
-    def fn(params, batch):
-        loss = lambda p: train_loss(spec.graphdef, p, batch, jnp.int32(5), policy.train_routing(SEQ))[0]
-        return jax.value_and_grad(loss)(params)
-
+    tokens = jax.ShapeDtypeStruct((cfg.data.batch_size, cfg.data.seq_len), jnp.int32,
+                                  sharding=sharding.batch_sharding(mesh))
     with jax.set_mesh(mesh):
         text = jax.jit(fn).lower(params, {"inputs": tokens, "targets": tokens}).compile().as_text()
     return hlo.collectives(text)
@@ -130,7 +131,7 @@ def main(cases: list[str]) -> dict:
     for case in cases:
         if case.startswith("census:"):  # census:<scheme>:<override>,<override>
             _, scheme, overrides = case.split(":", 2)
-            out[case] = permute_bytes(scheme, [o for o in overrides.split(",") if o])
+            out[case] = step_collectives(config(scheme, [o for o in overrides.split(",") if o]))
         else:
             out[case] = compare(*case.split(":"))
     return out
