@@ -81,12 +81,29 @@ def trainer(cfg, workdir: Path, n_devices: int | None = None):
         trainer_mod.sharding.make_mesh = make_mesh
 
 
+def params_of(t) -> list[np.ndarray]:
+    """A trainer's parameters, gathered to host arrays in tree order."""
+    return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(t.state["params"]))]
+
+
+def resume_one_run(cfg, workdir: Path, n_devices: int | None):
+    """Restore the checkpoint in `workdir` and train to `cfg`'s end: (trainer, restored params,
+    the parameters' partition specs, params after the run)."""
+    t = trainer(cfg, workdir, n_devices)
+    restored = params_of(t)
+    specs = sorted({str(s.spec) for s in jax.tree.leaves(t.state_shardings["params"])})
+    t.run()
+    after = params_of(t)
+    t.close()
+    return t, restored, specs, after
+
+
 def train(cfg, workdir: Path, n_devices: int | None = None):
     """(final parameters, the trainer's start line) of a run."""
     t = trainer(cfg, workdir, n_devices)
     layout = t.layout()
     t.run()
-    params = [np.asarray(x) for x in jax.tree.leaves(jax.device_get(t.state["params"]))]
+    params = params_of(t)
     t.close()
     return params, layout
 
@@ -124,11 +141,7 @@ def main(root: Path) -> dict:
     for name, mesh, n_dev in (("8,1,1", (8, 1, 1), None), ("1", (1, 1, 1), 1)):
         workdir = root / f"resume-{name}"
         shutil.copytree(saved_dir, workdir)
-        t = trainer(config("nag", mesh, steps=STEPS + 1), workdir, n_dev)
-        restored = [np.asarray(x) for x in jax.tree.leaves(jax.device_get(t.state["params"]))]
-        specs = sorted({str(s.spec) for s in jax.tree.leaves(t.state_shardings["params"])})
-        t.run()
-        t.close()
+        t, restored, specs, _ = resume_one_run(config("nag", mesh, steps=STEPS + 1), workdir, n_dev)
         out["reshard"][name] = {
             "resumed_at": t.resume_step,
             "params_identical": all(np.array_equal(a, b) for a, b in zip(saved, restored)),
@@ -147,13 +160,8 @@ def main(root: Path) -> dict:
         workdir = root / f"resume-{name}"
         shutil.copytree(source, workdir / "checkpoints",
                         ignore=lambda d, names: [str(PIPE_STEPS)] if d == str(source) else [])
-        t = trainer(config("nag_pipe", mesh), workdir, n_dev)
-        restored = [np.asarray(x) for x in jax.tree.leaves(jax.device_get(t.state["params"]))]
+        t, restored, specs, after = resume_one_run(config("nag_pipe", mesh), workdir, n_dev)
         first = first or restored
-        specs = sorted({str(s.spec) for s in jax.tree.leaves(t.state_shardings["params"])})
-        t.run()
-        after = [np.asarray(x) for x in jax.tree.leaves(jax.device_get(t.state["params"]))]
-        t.close()
         out["reshard"][name] = {
             "resumed_at": t.resume_step,
             "params_identical_to_first_restore": all(np.array_equal(a, b) for a, b in zip(first, restored)),
