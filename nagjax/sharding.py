@@ -283,20 +283,18 @@ def batch_part(mesh, batch_size: int) -> tuple[int, int]:
     return lo // (hi - lo), batch_size // (hi - lo)
 
 
-def global_batch(mesh, local_batch: dict[str, np.ndarray], batch_size: int | None = None) -> dict[str, jax.Array]:
+def global_batch(mesh, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     """Assemble this process's rows into global arrays sharded over the batch axes.
 
-    The process holds its part (`batch_part`) of the global batch of `batch_size` rows (default:
-    process count x its rows); jax places the rows on its devices, so no process ever sees rows
-    it does not hold.
+    The process holds its part (`batch_part`) of the global batch: the batch is that many times
+    its rows. jax places the rows on its devices, so no process ever sees rows it does not hold.
     """
     sharding = batch_sharding(mesh)
     parts = batch_part(mesh, math.prod(axis_sizes(mesh).get(a, 1) for a in BATCH_AXES))[1]
     out = {}
     for k, v in local_batch.items():
         v = np.asarray(v)
-        rows = batch_size if batch_size is not None else v.shape[0] * parts
-        out[k] = jax.make_array_from_process_local_data(sharding, v, (rows,) + v.shape[1:])
+        out[k] = jax.make_array_from_process_local_data(sharding, v, (v.shape[0] * parts,) + v.shape[1:])
     return out
 
 
@@ -353,13 +351,14 @@ def batch_shards(*, over_stages: bool = False) -> int:
     return 1 if mesh.empty else math.prod(dict(mesh.shape).get(a, 1) for a in axes)
 
 
-def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
-    """`with_sharding_constraint` by logical axis names against the mesh in context (set by
-    `jax.set_mesh`, which the sharded steps do); a no-op outside a mesh context."""
+def constrain(x: jax.Array, logical_axes: Sequence[str | None], rules: Mapping | None = None) -> jax.Array:
+    """`with_sharding_constraint` by logical axis names (under `rules`, default `logical_rules()`)
+    against the mesh in context (set by `jax.set_mesh`, which the sharded steps do); a no-op
+    outside a mesh context."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return x
-    return jax.lax.with_sharding_constraint(x, logical_to_spec(x.shape, logical_axes, mesh))
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(x.shape, logical_axes, mesh, rules))
 
 
 def constrain_stream(state: Any, *, over_stages: bool = False) -> Any:
@@ -367,18 +366,12 @@ def constrain_stream(state: Any, *, over_stages: bool = False) -> Any:
     over the feature axes. Called at the block boundary of the layer scan. `over_stages`: the rows
     are split over the pipeline stages too (the head and the loss after a pipeline, which would
     otherwise run once per stage on the same rows); never inside the pipeline's stage vmap."""
-    mesh = jax.sharding.get_abstract_mesh()
-    rules = None
-    if over_stages and not mesh.empty and dict(mesh.shape).get("stage", 1) > 1:
-        rules = {**logical_rules(), "batch": BATCH_AXES + ("stage",)}
+    rules = {**logical_rules(), "batch": BATCH_AXES + ("stage",)} if over_stages and stage_count() > 1 else None
 
     def one(x):
         if x.ndim < 2:
             return x
-        axes = ("batch", "sequence") + ("act_embed",) * (x.ndim - 2)
-        if rules is None:
-            return constrain(x, axes)
-        return jax.lax.with_sharding_constraint(x, logical_to_spec(x.shape, axes, mesh, rules))
+        return constrain(x, ("batch", "sequence") + ("act_embed",) * (x.ndim - 2), rules)
 
     return jax.tree.map(one, state)
 

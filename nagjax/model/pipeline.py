@@ -120,8 +120,7 @@ def arrange_stack(stack_params, cfg: ModelConfig, sched: Schedule):
     whole_cycle = (cfg.repeat > 1 and np.array_equal(rows, np.tile(np.arange(depth), cfg.repeat))
                    and v % cfg.repeat == 0)
 
-    def one(variable):
-        x = _value(variable)
+    def one(x, variable):
         rest = x.shape[1:]
         if cfg.repeat == 1:
             out = x.reshape((v, p, k) + rest)
@@ -139,21 +138,16 @@ def arrange_stack(stack_params, cfg: ModelConfig, sched: Schedule):
 def arrange_positions(params, sched: Schedule):
     """Per-executed-position parameters [E, ...] (a looped stack's per-pass residuals) as [v, p, k, ...]."""
     v, p, k = sched.repeats, sched.stages, sched.per_piece
-    return _map_variables(lambda var: _constrain_pieces(var, _value(var).reshape((v, p, k) + _value(var).shape[1:])),
-                          params)
-
-
-def _value(variable):
-    return variable.get_value() if hasattr(variable, "get_value") else variable.value
+    return _map_variables(lambda x, var: _constrain_pieces(var, x.reshape((v, p, k) + x.shape[1:])), params)
 
 
 def _map_variables(fn, state):
-    """`fn(variable) -> array` over the variables of an `nnx.State`, keeping the variables (and
-    their `logical_axes`), with the arrays replaced."""
+    """`fn(array, variable) -> array` over the variables of an `nnx.State`, keeping the variables
+    (and their `logical_axes`), with the arrays replaced."""
 
     def one(node):
         if isinstance(node, nnx.Variable):
-            return node.replace(fn(node))
+            return node.replace(fn(node[...], node))
         return node
 
     return jax.tree.map(one, state, is_leaf=lambda n: isinstance(n, nnx.Variable))
